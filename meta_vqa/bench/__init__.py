@@ -1,0 +1,104 @@
+"""``meta-vqa bench NAME``: performance figures measured against the straightforward baseline in one run.
+
+Each figure is printed as one JSON object (``--json``) with the keys of DESIGN.md "Benchmarks":
+``bench, figure, value, unit, baseline_value, ratio, device, config``; ``ratio`` > 1 means ours is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from meta_vqa.errors import MetaVQAError
+
+BENCHES = {"maml": "meta_vqa.bench.maml"}
+LATER = {"hnet": "the hypernetwork issue", "sample": "the guidance issue"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MetaVQAError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (after ``warmup`` calls), synchronising CUDA."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def figure(
+    bench: str,
+    name: str,
+    value: float,
+    unit: str,
+    baseline: float | None,
+    ratio: float | None,
+    device: torch.device,
+    config: dict,
+) -> dict:
+    return {
+        "bench": bench,
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "baseline_value": baseline,
+        "ratio": ratio,
+        "device": device_name(device),
+        "config": config,
+    }
+
+
+def emit(figures: list[dict], as_json: bool) -> None:
+    for f in figures:
+        if as_json:
+            print(json.dumps(f))
+        else:
+            base = "" if f["baseline_value"] is None else f"  baseline {f['baseline_value']:.4g}"
+            ratio = "" if f["ratio"] is None else f"  ratio {f['ratio']:.2f}x"
+            print(f"{f['bench']}/{f['figure']}: {f['value']:.4g} {f['unit']}{base}{ratio}  [{f['device']}]")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: meta-vqa bench {" + ",".join(BENCHES) + "} [--json] [options]  (NAME --help for options)"
+        )
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in LATER:
+        raise MetaVQAError(f"bench {name!r} is not yet available (arrives with {LATER[name]})")
+    if name not in BENCHES:
+        raise MetaVQAError(f"unknown bench {name!r}; available: {', '.join(BENCHES)}")
+    module = __import__(BENCHES[name], fromlist=["run"])
+    parser = argparse.ArgumentParser(prog=f"meta-vqa bench {name}")
+    parser.add_argument("--json", action="store_true", help="one JSON object per figure")
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    emit(module.run(args), args.json)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,51 @@
+"""Callbacks shared by every stage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class LastCheckpoint(Callback):
+    """Keep ``last.ckpt`` equal to the newest training state, so a killed run resumes where it stopped.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when a top-k
+    checkpoint is written; this callback writes it after every validation, every ``every_n_train_steps``
+    steps (if set) and when training ends. The file is written beside the ``ModelCheckpoint``'s, to a
+    temporary name first and then renamed, so a crash never leaves a truncated ``last.ckpt``.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None, filename: str = "last.ckpt"):
+        self.every_n_train_steps = every_n_train_steps
+        self.filename = filename
+        self._saved_step = -1
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        cb = trainer.checkpoint_callback
+        if cb is not None and getattr(cb, "dirpath", None):
+            return Path(cb.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self._saved_step == trainer.global_step:
+            return
+        path = self._dir(trainer) / self.filename
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("last_checkpoint")
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)

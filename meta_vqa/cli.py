@@ -1,0 +1,201 @@
+"""The ``meta-vqa`` command.
+
+Verbs:
+  prepare easy-vqa         build the embedded Meta-EasyVQA dataset (tasks, small CLIP, features)
+  fit|validate|test|predict  train / evaluate a stage from YAML (LightningCLI, omegaconf mode)
+  report PATH...           aggregate results.json files into one table (mean ± std over seeds)
+  bench NAME               measure a performance figure against the straightforward baseline
+  pipeline, generate       (not yet available)
+
+Bad input (a malformed file, an unknown key or value) is reported as one ``error:`` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+LATER_VERBS = {"pipeline": "the pipeline issue", "generate": "the pipeline issue"}
+
+HELP = """usage: meta-vqa VERB [options]
+
+Meta-learning via classifier(-free) diffusion guidance: generate task-specific network weights from a
+task description.
+
+verbs:
+  prepare easy-vqa [--out DIR]    build the embedded Meta-EasyVQA dataset (tasks, small CLIP, features)
+  fit       -c CONFIG.yaml        train a stage (LightningCLI; any config key can be overridden: --model.x v)
+  validate  -c CONFIG.yaml        evaluate a stage on the validation tasks
+  test      -c CONFIG.yaml        zero-/few-shot evaluation on the meta-test tasks; writes results.json/.md
+  predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
+  report    PATH... [--out DIR]   aggregate results.json files under PATHs into one table
+  bench     maml [--json]         batched vs per-task loop throughput, measured in one run
+  pipeline                        the whole chain in one command (not yet available)
+  generate                        weights for a new task description (not yet available)
+
+`meta-vqa VERB --help` describes a verb's options. Logs go to lightning_logs/ (TensorBoard).
+"""
+
+
+def _error(msg: str) -> int:
+    first = str(msg).strip().splitlines()
+    print(f"error: {first[0] if first else msg}", file=sys.stderr)
+    return 2
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (it may be swapped, e.g. by tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    # our own messages only; Lightning configures its own logger
+    logger = logging.getLogger("meta_vqa")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_lightning(argv: list[str]) -> int:
+    """``fit|validate|test|predict`` through LightningCLI in omegaconf mode."""
+    import warnings
+
+    from jsonargparse import ArgumentError
+
+    from meta_vqa.lightning_cli import MetaVQACLI
+
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    try:
+        MetaVQACLI(args=argv)
+    except ArgumentError as e:
+        return _error(_compact_argument_error(str(e)))
+    return 0
+
+
+def _compact_argument_error(msg: str) -> str:
+    """One line from jsonargparse's nested report: the full key (``model.variant``) and the cause."""
+    structural = (
+        "Does not validate",
+        "Subtypes:",
+        "Errors:",
+        "- Problem with given class_path",
+        "Given value",
+    )
+    stack: list[tuple[int, str]] = []
+    for line in msg.splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        m = re.match(r'(?:- )?Parser key "([^"]+)":?\s*(.*)', text)
+        if m:
+            stack.append((indent, m.group(1)))
+            if m.group(2):
+                return f"{'.'.join(k for _, k in stack)}: {m.group(2)}"
+            continue
+        if stack and not text.startswith(structural) and "NoneType" not in text:
+            return f"{'.'.join(k for _, k in stack)}: {text.lstrip('- ')}"
+    return msg.strip().splitlines()[0] if msg.strip() else msg
+
+
+def run_prepare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meta-vqa prepare", description="Build a dataset folder.")
+    p.add_argument("dataset", choices=["easy-vqa", "vqa-v2"], help="which dataset to build")
+    p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa)")
+    p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
+    p.add_argument("--clip-epochs", type=int, default=None, help="epochs of the small CLIP's image tower")
+    p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
+    args = p.parse_args(argv)
+    if args.dataset == "vqa-v2":
+        return _error("prepare vqa-v2 is not yet available (needs VQA v2 and CLIP ViT-L/14@336px features)")
+    from meta_vqa.data.easy_vqa import prepare_easy_vqa
+
+    kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
+    if args.clip_epochs is not None:
+        kwargs["clip_epochs"] = args.clip_epochs
+    summary = prepare_easy_vqa(args.out or "data/easy_vqa", **kwargs)
+    _print_prepare_summary(summary)
+    return 0
+
+
+def _print_prepare_summary(summary: dict) -> None:
+    import json
+
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def run_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meta-vqa report", description="Aggregate results.json files.")
+    p.add_argument("paths", nargs="+", help="results.json files or folders searched recursively")
+    p.add_argument("--out", default=None, help="write results.json/results.md of all records here")
+    p.add_argument("--title", default="Meta-EasyVQA meta-test results")
+    args = p.parse_args(argv)
+    from meta_vqa.errors import MetaVQAError
+    from meta_vqa.eval.results import load_results, render_markdown, write_results
+
+    missing = [x for x in args.paths if not os.path.exists(x)]
+    if missing:
+        raise MetaVQAError(f"{missing[0]}: no such file or folder")
+    records = load_results(args.paths)
+    if not records:
+        raise MetaVQAError(f"{args.paths[0]}: no results.json found")
+    if args.out:
+        write_results(args.out, records, args.title)
+    print(render_markdown(records, args.title))
+    return 0
+
+
+def run_bench(argv: list[str]) -> int:
+    from meta_vqa.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging()
+    from meta_vqa.errors import MetaVQAError
+
+    try:
+        if verb in LIGHTNING_VERBS:
+            return run_lightning(argv)
+        if verb == "prepare":
+            return run_prepare(rest)
+        if verb == "report":
+            return run_report(rest)
+        if verb == "bench":
+            return run_bench(rest)
+        if verb in LATER_VERBS:
+            return _error(f"`meta-vqa {verb}` is not yet available (arrives with {LATER_VERBS[verb]})")
+        return _error(f"unknown verb {verb!r}; run `meta-vqa --help` for the list")
+    except MetaVQAError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return _error("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

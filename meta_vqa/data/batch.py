@@ -1,0 +1,147 @@
+"""Batches of tasks as tensors.
+
+The collate function builds a :class:`TaskIndexBatch` (indices into the feature matrices, ``-1`` where
+padded). After the batch reaches its device, :meth:`TaskIndexBatch.gather` turns it into a
+:class:`TaskBatch` of features, looked up in a feature bank that lives on that device. No per-example
+Python runs per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+def _pad(rows: list[list[int]], value: int = -1) -> Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def _extent(mask: Tensor) -> int:
+    """One past the last column that holds a valid entry (at least 1)."""
+    cols = mask.any(0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else 1
+
+
+@dataclass
+class FeatureBank:
+    """The feature matrices on one device."""
+
+    images: Tensor  # [N, d]
+    questions: Tensor  # [Q, d_q]
+    answers: Tensor  # [M, d]
+
+    def to(self, device: torch.device) -> FeatureBank:
+        return FeatureBank(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+@dataclass
+class TaskIndexBatch:
+    """A batch of tasks as index tensors (``-1`` = padding)."""
+
+    task: Tensor  # [B] task id (row in the question matrix)
+    answer_idx: Tensor  # [B, K] rows in the answer matrix
+    support_idx: Tensor  # [B, S] rows in the image matrix
+    support_y: Tensor  # [B, S]
+    query_idx: Tensor  # [B, Q]
+    query_y: Tensor  # [B, Q]
+
+    @classmethod
+    def collate(cls, items: list[dict]) -> TaskIndexBatch:
+        return cls(
+            task=torch.tensor([it["task"] for it in items], dtype=torch.long),
+            answer_idx=_pad([it["answers"] for it in items]),
+            support_idx=_pad([it["support"] for it in items]),
+            support_y=_pad([it["support_y"] for it in items], 0),
+            query_idx=_pad([it["query"] for it in items]),
+            query_y=_pad([it["query_y"] for it in items], 0),
+        )
+
+    def gather(self, bank: FeatureBank) -> TaskBatch:
+        """Look the features up (on the bank's device)."""
+        return TaskBatch(
+            task=self.task,
+            question=bank.questions[self.task],
+            answers=bank.answers[self.answer_idx.clamp(min=0)],
+            answer_mask=self.answer_idx >= 0,
+            support_x=bank.images[self.support_idx.clamp(min=0)],
+            support_y=self.support_y,
+            support_mask=self.support_idx >= 0,
+            query_x=bank.images[self.query_idx.clamp(min=0)],
+            query_y=self.query_y,
+            query_mask=self.query_idx >= 0,
+        )
+
+
+@dataclass
+class TaskBatch:
+    """A batch of B tasks with their features; ``*_mask`` marks the real (unpadded) entries."""
+
+    task: Tensor  # [B]
+    question: Tensor  # [B, d_q] raw question embedding
+    answers: Tensor  # [B, K, d] answer-prompt features
+    answer_mask: Tensor  # [B, K]
+    support_x: Tensor  # [B, S, d]
+    support_y: Tensor  # [B, S]
+    support_mask: Tensor  # [B, S]
+    query_x: Tensor  # [B, Q, d]
+    query_y: Tensor  # [B, Q]
+    query_mask: Tensor  # [B, Q]
+
+    def __len__(self) -> int:
+        return self.task.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.task.device
+
+    def select(self, idx: Tensor | slice) -> TaskBatch:
+        """The tasks ``idx``, with padding trimmed to the longest selected task."""
+        sub = TaskBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return sub.trim()
+
+    def trim(self) -> TaskBatch:
+        """Drop padding columns that no task uses."""
+        s, q = _extent(self.support_mask), _extent(self.query_mask)
+        if s == self.support_mask.shape[1] and q == self.query_mask.shape[1]:
+            return self
+        return replace(
+            self,
+            support_x=self.support_x[:, :s],
+            support_y=self.support_y[:, :s],
+            support_mask=self.support_mask[:, :s],
+            query_x=self.query_x[:, :q],
+            query_y=self.query_y[:, :q],
+            query_mask=self.query_mask[:, :q],
+        )
+
+    def chunks(self, size: int | None) -> list[TaskBatch]:
+        """Split into chunks of at most ``size`` tasks of similar support size (less padding per chunk)."""
+        if not size or size <= 0 or size >= len(self):
+            return [self.trim()]
+        order = self.support_mask.sum(1).argsort()
+        return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+
+    def split(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, mask)`` of ``"support"``, ``"query"`` or ``"all"`` (support and query concatenated)."""
+        if which == "support":
+            return self.support_x, self.support_y, self.support_mask
+        if which == "query":
+            return self.query_x, self.query_y, self.query_mask
+        if which == "all":
+            return (
+                torch.cat([self.support_x, self.query_x], 1),
+                torch.cat([self.support_y, self.query_y], 1),
+                torch.cat([self.support_mask, self.query_mask], 1),
+            )
+        raise ValueError(f"unknown split {which!r}; expected 'support', 'query' or 'all'")
+
+    def clone(self) -> TaskBatch:
+        """A copy whose tensors are ordinary (not inference-mode) tensors, so they can enter autograd."""
+        return TaskBatch(**{f.name: getattr(self, f.name).clone() for f in fields(self)})

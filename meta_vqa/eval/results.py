@@ -1,0 +1,188 @@
+"""Result records (DESIGN.md "Results"): collection across batches and ranks, aggregation, rendering.
+
+A record is one method × split × shots × seed:
+``{"method", "split", "shots", "seed", "accuracy", "accuracy_pooled", "n_tasks"}`` (+ ``gamma`` and
+``control`` for guided methods). ``accuracy`` is the task-averaged query accuracy (the headline metric),
+``accuracy_pooled`` pools all query examples. Accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from meta_vqa.eval.protocol import ShotResult
+from meta_vqa.io import write_json, write_text
+
+METHOD_ORDER = [
+    "chance",
+    "majority",
+    "clip_zero_shot",
+    "uncond_multitask",
+    "cond_multitask",
+    "cond_multitask_film",
+    "mnet_maml",
+    "hnet_maml",
+    "hvae",
+    "hnet_hyperclip",
+    "hvae_hyperclip",
+    "hnet_hyperldm",
+    "hvae_hyperldm",
+    "hnet_combined",
+    "hvae_combined",
+]
+EXTRA_KEYS = ("gamma", "control")
+
+
+def _shots_key(s) -> tuple[int, int]:
+    return (0, 0) if s == 0 else (1, 0) if s == "full" else (2, int(s))
+
+
+class ResultCollector:
+    """Accumulates per-task hits for (method, shots, extras) over batches; turns them into records."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple, list[Tensor]] = defaultdict(list)
+
+    def add(self, method: str, task: Tensor, results: dict, **extra) -> None:
+        key_extra = tuple(sorted(extra.items()))
+        for shots, r in results.items():
+            r: ShotResult
+            rows = torch.stack([task.double(), r.correct.double(), r.total.double(), r.eligible.double()], 1)
+            self._rows[(method, shots, key_extra)].append(rows.detach().cpu())
+
+    def records(
+        self, split: str, seed: int, all_gather: Callable[[Tensor], Tensor] | None = None
+    ) -> list[dict]:
+        """Records for every collected key; ``all_gather`` merges the ranks' rows (duplicates dropped)."""
+        out = []
+        for (method, shots, extra), chunks in sorted(
+            self._rows.items(), key=lambda kv: (_method_rank(kv[0][0]), str(kv[0][2]), _shots_key(kv[0][1]))
+        ):
+            rows = torch.cat(chunks)
+            if all_gather is not None:
+                rows = all_gather(rows).reshape(-1, 4).cpu()
+            rows = _unique_tasks(rows)
+            rows = rows[(rows[:, 3] > 0) & (rows[:, 2] > 0)]
+            if len(rows) == 0:
+                continue
+            acc = (rows[:, 1] / rows[:, 2]).mean().item()
+            pooled = (rows[:, 1].sum() / rows[:, 2].sum()).item()
+            rec = {
+                "method": method,
+                "split": split,
+                "shots": shots,
+                "seed": seed,
+                "accuracy": 100 * acc,
+                "accuracy_pooled": 100 * pooled,
+                "n_tasks": len(rows),
+            }
+            rec.update(dict(extra))
+            out.append(rec)
+        return out
+
+    def reset(self) -> None:
+        self._rows.clear()
+
+
+def _unique_tasks(rows: Tensor) -> Tensor:
+    """Keep the first row of each task id (a DistributedSampler repeats tasks to even out ranks)."""
+    seen, keep = set(), []
+    for i, t in enumerate(rows[:, 0].tolist()):
+        if t not in seen:
+            seen.add(t)
+            keep.append(i)
+    return rows[keep]
+
+
+def _method_rank(m: str) -> int:
+    return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def write_results(out_dir: str | Path, records: list[dict], title: str = "Results") -> Path:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the json path."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "results.json", records)
+    write_text(out_dir / "results.md", render_markdown(records, title))
+    return out_dir / "results.json"
+
+
+def load_results(paths: Iterable[str | Path]) -> list[dict]:
+    """All records of the given ``results.json`` files or folders (searched recursively)."""
+    records = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("results.json")) if p.is_dir() else [p]
+        for f in files:
+            records += json.loads(f.read_text(encoding="utf-8"))
+    return records
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Mean and std over seeds of records sharing (method, split, shots, gamma, control); dedupes seeds."""
+    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        key = (r["method"], r["split"], r["shots"], *(r.get(k) for k in EXTRA_KEYS))
+        groups[key].setdefault(r["seed"], r)  # identical rows (e.g. chance written by every stage) count once
+    out = []
+    for key, by_seed in groups.items():
+        accs = [r["accuracy"] for r in by_seed.values()]
+        pooled = [r["accuracy_pooled"] for r in by_seed.values()]
+        row = dict(zip(("method", "split", "shots", *EXTRA_KEYS), key))
+        row.update(
+            mean=statistics.fmean(accs),
+            std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            pooled_mean=statistics.fmean(pooled),
+            seeds=len(accs),
+            n_tasks=max(r["n_tasks"] for r in by_seed.values()),
+        )
+        out.append(row)
+    return out
+
+
+def render_markdown(records: list[dict], title: str = "Results") -> str:
+    """Tables (one per split) of task-averaged query accuracy, mean ± std over seeds, shots as columns."""
+    rows = aggregate(records)
+    lines = [
+        f"# {title}",
+        "",
+        "Task-averaged query accuracy (%) on the meta-test tasks, mean ± std over seeds. "
+        "`0` = zero-shot, `full` = fine-tuned on the whole support set, `k` = k examples per answer.",
+        "",
+    ]
+    for split in sorted({r["split"] for r in rows}):
+        sub = [r for r in rows if r["split"] == split]
+        shots = sorted({r["shots"] for r in sub}, key=_shots_key)
+        methods = sorted(
+            {(r["method"], r.get("gamma"), r.get("control")) for r in sub},
+            key=lambda m: (_method_rank(m[0]), str(m[1]), str(m[2])),
+        )
+        cell = {(r["method"], r.get("gamma"), r.get("control"), r["shots"]): r for r in sub}
+        seeds = max(r["seeds"] for r in sub)
+        lines += [
+            f"## split: {split} ({seeds} seed{'s' if seeds > 1 else ''})",
+            "",
+            "| method | " + " | ".join(str(s) for s in shots) + " | tasks (0 / full) |",
+            "|---|" + "---|" * (len(shots) + 1),
+        ]
+        for m in methods:
+            name = m[0] + (f" γ={m[1]:g}" if m[1] is not None else "") + (f" ({m[2]})" if m[2] else "")
+            cells = []
+            for s in shots:
+                r = cell.get((*m, s))
+                cells.append("" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}")
+            n = [str(cell[(*m, s)]["n_tasks"]) for s in (0, "full") if (*m, s) in cell]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(n)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_float(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.2f}"

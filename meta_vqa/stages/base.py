@@ -1,0 +1,193 @@
+"""Base-model stage: the baselines of SPEC §4.1 on the residual adapter.
+
+Variants (``variant`` in YAML):
+
+* ``clip_zero_shot``: w = 0, the adapter reduces to CLIP zero-shot classification (no training).
+* ``uncond_multitask``: one weight vector trained on all meta-train tasks (no inner loop).
+* ``cond_multitask``: a hypernetwork maps the raw question embedding to the weights, trained multitask.
+* ``cond_multitask_film``: shared weights FiLM-modulated by the question (not in the authors' code).
+* ``mnet_maml``: MAML on the adapter's own weights (first-order by default).
+
+Zero-shot = the weights produced without support data; few-shot = those weights fine-tuned on support
+(SPEC §4.7). The meta-gradient is the plain mean over the meta-batch and gradients are clipped before
+the optimiser step (fixes SPEC §9.1 item 3).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.errors import ConfigError
+from meta_vqa.eval.protocol import Protocol
+from meta_vqa.eval.results import ResultCollector
+from meta_vqa.meta.maml import InnerLoop, adapt
+from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses
+from meta_vqa.nets.hypernet import MLP, FiLMGenerator
+from meta_vqa.stages.common import finish_test, grad_enabled
+
+Variant = Literal["clip_zero_shot", "uncond_multitask", "cond_multitask", "cond_multitask_film", "mnet_maml"]
+SplitName = Literal["support", "query", "all"]
+
+
+class BaseStage(L.LightningModule):
+    """Baselines on the residual adapter.
+
+    Args:
+        variant: which baseline (see module docstring).
+        feature_dim: CLIP feature width (linked from the data).
+        question_dim: question-embedding width (linked from the data).
+        adapter_hidden: the adapter's hidden width (256 in the paper).
+        hnet_hidden: hidden widths of the conditional hypernetwork (128, 128, 128 in the paper).
+        film_hidden: hidden widths of the FiLM predictor.
+        inner_steps: MAML inner steps during meta-training (``mnet_maml`` only).
+        inner_lr: inner-loop learning rate.
+        first_order: first-order MAML (the paper) or second-order.
+        inner_split: inner-loop data in meta-training (``query`` = the authors' reversed direction).
+        outer_split: data of the outer loss; default ``query`` for ``mnet_maml`` and ``all`` (support and
+            query) for the multitask variants, which have no inner loop to hold the support set for.
+        chunk_size: tasks per inner-loop chunk (bounds memory; None = the whole meta-batch at once).
+        grad_clip: max gradient norm, applied before the step (None = off).
+        eval_steps, eval_lr: the fine-tuning loop of few-shot evaluation (10 GD steps, lr 0.1).
+        max_shots: the n-shot trials run k = 1..max_shots examples per answer.
+        eval_seed: seed of the n-shot subsets.
+        results_dir: where ``test`` writes results.json/.md (default: the logger's folder).
+        optimizer: the meta-optimiser (Adam, lr 1e-3 by default).
+    """
+
+    def __init__(
+        self,
+        variant: Variant = "mnet_maml",
+        feature_dim: int = 768,
+        question_dim: int = 768,
+        adapter_hidden: int = 256,
+        hnet_hidden: tuple[int, ...] = (128, 128, 128),
+        film_hidden: tuple[int, ...] = (128,),
+        inner_steps: int = 10,
+        inner_lr: float = 0.1,
+        first_order: bool = True,
+        inner_split: Literal["support", "query"] = "support",
+        outer_split: SplitName | None = None,
+        chunk_size: int | None = None,
+        grad_clip: float | None = 10.0,
+        eval_steps: int = 10,
+        eval_lr: float = 0.1,
+        max_shots: int = 5,
+        eval_seed: int = 42,
+        results_dir: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        self.variant = variant
+        self.optimizer_factory = optimizer
+        self.adapter = ResidualAdapter(feature_dim, adapter_hidden)
+        D = self.adapter.num_params
+        if variant in ("uncond_multitask", "mnet_maml"):
+            self.w0 = nn.Parameter(self.adapter.init_weights())
+        elif variant == "cond_multitask":
+            self.hnet = MLP(question_dim, list(hnet_hidden), D)
+        elif variant == "cond_multitask_film":
+            self.film = FiLMGenerator(self.adapter, question_dim, list(film_hidden))
+        elif variant != "clip_zero_shot":
+            raise ConfigError(f"model.variant: unknown variant {variant!r}")
+        train_steps = inner_steps if variant == "mnet_maml" else 0
+        self.train_loop = InnerLoop(train_steps, inner_lr, first_order)
+        self.protocol = Protocol(InnerLoop(eval_steps, eval_lr, True), max_shots, True, eval_seed)
+        self.outer_split = outer_split or ("query" if variant == "mnet_maml" else "all")
+        self.select_on = "few_shot" if variant == "mnet_maml" else "zero_shot"
+        self.val_acc = nn.ModuleDict({k: MeanMetric() for k in ("zero_shot", "few_shot")})
+        self.collector = ResultCollector()
+
+    # --- the weights each variant produces without support data --------------------------------------
+    def init_params(self, batch: TaskBatch) -> Tensor:
+        """Per-task zero-shot weights ``[B, D]`` (graph to the meta-parameters kept)."""
+        B = len(batch)
+        if self.variant == "clip_zero_shot":
+            return torch.zeros(B, self.adapter.num_params, device=batch.device)
+        if self.variant in ("uncond_multitask", "mnet_maml"):
+            return self.w0.expand(B, -1)
+        if self.variant == "cond_multitask":
+            return self.hnet(batch.question)
+        return self.film(batch.question)
+
+    # --- training ------------------------------------------------------------------------------------
+    def _outer_losses(self, chunk: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
+        init = self.init_params(chunk)
+        hp = self.hparams
+        if self.train_loop.steps > 0:
+            x, y, m = chunk.split(hp.inner_split)
+
+            def inner_loss(p: Tensor) -> Tensor:
+                return task_losses(self.adapter(p, x, chunk.answers, chunk.answer_mask), y, m)
+
+            init = adapt(init, inner_loss, self.train_loop)
+        x, y, m = chunk.split(self.outer_split)
+        logits = self.adapter(init, x, chunk.answers, chunk.answer_mask)
+        correct, total = task_correct(logits, y, m)
+        return task_losses(logits, y, m), correct, total
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()
+        B = len(batch)
+        loss_sum, acc_sum = 0.0, 0.0
+        for chunk in batch.chunks(self.hparams.chunk_size):
+            losses, correct, total = self._outer_losses(chunk)
+            self.manual_backward(losses.sum() / B)  # plain mean over the meta-batch
+            loss_sum += losses.detach().sum()
+            acc_sum += (correct / total.clamp(min=1)).sum()
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.log("train/loss", loss_sum / B, prog_bar=True, batch_size=B)
+        self.log("train/acc", 100 * acc_sum / B, prog_bar=True, batch_size=B)
+        return loss_sum / B
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(
+                f"model.variant: {self.variant!r} has no trainable parameters; "
+                "evaluate it with `meta-vqa test` instead of `fit`"
+            )
+        return self.optimizer_factory(params)
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        with grad_enabled(batch) as b:
+            res = self.protocol.evaluate(self.adapter, b, self.init_params(b), shots=[0, "full"])["model"]
+        for key, shots in (("zero_shot", 0), ("few_shot", "full")):
+            r = res[shots]
+            self.val_acc[key].update(100 * r.correct / r.total.clamp(min=1))
+        for key, metric in self.val_acc.items():
+            self.log(f"val/acc_{key}", metric, batch_size=len(batch))
+        self.log("val/acc", self.val_acc[self.select_on], prog_bar=True, batch_size=len(batch))
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        with grad_enabled(batch) as b:
+            res = self.protocol.evaluate(self.adapter, b, self.init_params(b))
+        self.collector.add(self.variant, batch.task, res["model"])
+        self.collector.add("chance", batch.task, res["chance"])
+        self.collector.add("majority", batch.task, res["majority"])
+
+    def on_test_epoch_end(self) -> None:
+        finish_test(self, self.collector, self.hparams.results_dir, f"Base model: {self.variant}")
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int) -> dict:
+        """Zero-shot answers for the query examples: ``{"task", "pred", "label", "mask"}``."""
+        with torch.no_grad():
+            logits = self.adapter(self.init_params(batch), batch.query_x, batch.answers, batch.answer_mask)
+        return {
+            "task": batch.task,
+            "pred": logits.argmax(-1),
+            "label": batch.query_y,
+            "mask": batch.query_mask,
+        }

@@ -1,0 +1,56 @@
+"""Wiring shared by the stages: evaluation under Lightning's inference mode, results hand-off."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.eval.results import ResultCollector, render_markdown, write_results
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def grad_enabled(batch: TaskBatch) -> Iterator[TaskBatch]:
+    """Fine-tuning inside ``validation_step``/``test_step``: leave inference mode, enable autograd.
+
+    Lightning evaluates under ``torch.inference_mode``; tensors made there cannot enter autograd, so
+    the batch is cloned into ordinary tensors first.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield batch.clone() if batch.task.is_inference() else batch
+
+
+def global_seed() -> int:
+    """The seed LightningCLI's ``seed_everything`` set (0 if none)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def split_name(module: L.LightningModule) -> str:
+    dm = getattr(module.trainer, "datamodule", None)
+    return getattr(dm, "split", "unknown")
+
+
+def finish_test(
+    module: L.LightningModule, collector: ResultCollector, results_dir: str | None, title: str
+) -> list[dict]:
+    """Gather every rank's rows, write results.json/.md on rank 0, log the headline numbers."""
+    trainer = module.trainer
+    gather = module.all_gather if trainer.world_size > 1 else None
+    records = collector.records(split_name(module), global_seed(), gather)
+    collector.reset()
+    for r in records:
+        extra = "".join(f"_{k}{r[k]}" for k in ("gamma", "control") if k in r)
+        module.log(f"test/{r['method']}{extra}/acc_{r['shots']}", r["accuracy"], rank_zero_only=True)
+    if trainer.is_global_zero:
+        out = Path(results_dir or trainer.log_dir or ".")
+        path = write_results(out, records, title)
+        log.info("wrote %s\n%s", path, render_markdown(records, title))
+    return records

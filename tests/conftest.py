@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+# Lightning binds its log handlers to sys.stderr at import: import it once here, outside any one
+# test's captured stream, so later tests never log into a closed capture.
+import lightning.pytorch  # noqa: E402, F401
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "meta_vqa"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset folder with learnable task structure (built once per session)."""
+    from meta_vqa.data.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+@pytest.fixture
+def meta_vqa_files() -> Path:
+    """The authors' Meta-VQA task files, beside the repository (tests skip where they are absent)."""
+    if not (SHARED_DATA / "meta_train.json").is_file():
+        pytest.skip("../shared/data/meta_vqa is not available")
+    return SHARED_DATA

@@ -1,0 +1,101 @@
+"""The DataModule: tensors per batch match the task files; bad feature stores fail with clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from meta_vqa.data.datamodule import MetaVQADataModule, validation_slice
+from meta_vqa.data.features import feature_dir, save_tensors, write_manifest
+from meta_vqa.data.tasks import load_tasks
+from meta_vqa.errors import DataError
+
+
+def test_batches_hold_the_task_files_examples(synthetic_root):
+    dm = MetaVQADataModule(str(synthetic_root), batch_size=3, eval_batch_size=3)
+    idx_batch = next(iter(dm.test_dataloader()))
+    batch = dm.on_after_batch_transfer(idx_batch, 0)
+    tasks = load_tasks(synthetic_root / "meta_test.json")[:3]
+    store = dm.store
+    row = {img: i for i, img in enumerate(store.image_ids)}
+    for b, t in enumerate(tasks):
+        assert dm.question(int(batch.task[b])) == t.question
+        n = len(t.support)
+        assert batch.support_mask[b].sum() == n and batch.support_mask[b, :n].all()
+        expected_x = store.images[[row[i] for i, _ in t.support]]
+        torch.testing.assert_close(batch.support_x[b, :n], expected_x)
+        assert batch.support_y[b, :n].tolist() == [y for _, y in t.support]
+        assert batch.query_y[b, : len(t.query)].tolist() == [y for _, y in t.query]
+        assert batch.answer_mask[b].sum() == t.num_answers
+        torch.testing.assert_close(batch.question[b], store.question_features[int(batch.task[b])])
+
+
+def test_validation_slice_is_seeded_and_disjoint(synthetic_root):
+    a = MetaVQADataModule(str(synthetic_root), val_fraction=0.3, val_seed=1)
+    b = MetaVQADataModule(str(synthetic_root), val_fraction=0.3, val_seed=1)
+    c = MetaVQADataModule(str(synthetic_root), val_fraction=0.3, val_seed=2)
+    assert [t.question for t in a.val_tasks] == [t.question for t in b.val_tasks]
+    assert {t.question for t in a.val_tasks}.isdisjoint({t.question for t in a.train_tasks})
+    assert {t.question for t in a.val_tasks}.isdisjoint({t.question for t in a.test_tasks})
+    assert len(a.train_tasks) + len(a.val_tasks) == len(load_tasks(synthetic_root / "meta_train.json"))
+    assert validation_slice(10, 0.3, 1) != validation_slice(10, 0.3, 2) or c.val_tasks != a.val_tasks
+    assert validation_slice(10, 0.0, 1) == [] and len(validation_slice(10, 0.01, 1)) == 1
+
+
+def test_chunks_sort_by_size_and_trim_padding(synthetic_root):
+    dm = MetaVQADataModule(str(synthetic_root), eval_batch_size=8)
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    chunks = batch.chunks(2)
+    assert sum(len(c) for c in chunks) == len(batch)
+    sizes = [c.support_mask.sum(1).tolist() for c in chunks]
+    flat = [s for c in sizes for s in c]
+    assert flat == sorted(flat)
+    for c in chunks:
+        assert c.support_x.shape[1] == int(c.support_mask.sum(1).max())
+
+
+def _copy(synthetic_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+def test_feature_file_of_another_dimension_is_named(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    fdir = feature_dir(root, "synthetic")
+    n = len(json.loads((fdir / "images.json").read_text()))
+    save_tensors(fdir / "images.safetensors", {"features": torch.randn(n, 7)})
+    manifest = json.loads((root / "dataset.json").read_text())
+    write_manifest(root, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(
+        DataError, match=r"images\.safetensors: feature dimension 7, the dataset manifest says 32"
+    ):
+        MetaVQADataModule(str(root))
+
+
+def test_image_without_features_names_task_and_image(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    raw = json.loads((root / "meta_train.json").read_text())
+    q = next(iter(raw))
+    raw[q]["train"][0][0] = "ghost-image"
+    (root / "meta_train.json").write_text(json.dumps(raw))
+    manifest = json.loads((root / "dataset.json").read_text())
+    write_manifest(root, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(DataError) as e:
+        MetaVQADataModule(str(root))
+    assert "'ghost-image' has no features" in str(e.value) and repr(q) in str(e.value)
+
+
+def test_changed_file_is_detected_by_the_manifest(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    with open(root / "meta_test.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(DataError, match="meta_test.json: missing or changed"):
+        MetaVQADataModule(str(root))
+    MetaVQADataModule(str(root), verify=False)  # the user may opt out
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(DataError, match="dataset.json: dataset manifest not found"):
+        MetaVQADataModule(str(tmp_path))
