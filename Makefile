@@ -18,8 +18,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+DATA ?= data/easy_vqa
+RUNS ?= runs/easy_vqa
+MV := $(BIN)/meta-vqa
+BASE_VARIANTS := uncond_multitask cond_multitask cond_multitask_film mnet_maml
+
+# prepare Meta-EasyVQA, then train and test every base-model variant for SEEDS seeds, then the table
 run: $(STAMP)
-	SEEDS=$(SEEDS) $(BIN)/python -m meta_vqa.run_all
+	$(MV) prepare easy-vqa --out $(DATA)
+	set -e; for seed in $$(seq 0 $$(( $(SEEDS) - 1 ))); do \
+	  $(MV) test -c conf/easy_vqa/base.yaml --data.root $(DATA) --seed_everything $$seed \
+	    --model.init_args.variant clip_zero_shot --model.init_args.results_dir $(RUNS)/base/clip_zero_shot/seed$$seed; \
+	  for v in $(BASE_VARIANTS); do \
+	    $(MV) fit -c conf/easy_vqa/base.yaml --data.root $(DATA) --seed_everything $$seed --test_after_fit true \
+	      --model.init_args.variant $$v --model.init_args.results_dir $(RUNS)/base/$$v/seed$$seed \
+	      --trainer.logger.init_args.name base_$$v; \
+	  done; \
+	done
+	$(MV) report $(RUNS) --out $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

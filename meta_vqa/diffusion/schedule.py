@@ -1,0 +1,84 @@
+"""Noise schedules and samplers: diffusers schedulers behind a small adapter (SPEC §4.6).
+
+The cosine schedule with T = 1000 is diffusers' ``squaredcos_cap_v2`` (s = 0.008, β clipped at 0.999),
+the same ᾱ(t) as the paper. ``clip_sample=False`` everywhere: latents are standardised, not bounded.
+DDPM uses the posterior variance β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (``fixed_small``), as the authors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import Tensor
+
+Sampler = Literal["ddpm", "ddim", "dpm"]
+Schedule = Literal["cosine", "linear"]
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+_BETA = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+
+
+def make_scheduler(kind: Sampler = "ddpm", num_train_timesteps: int = 1000, schedule: Schedule = "cosine"):
+    """A diffusers scheduler for ε-prediction on unbounded latents."""
+    common = {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_schedule": _BETA[schedule],
+        "beta_start": 1e-4,
+        "beta_end": 2e-2,
+        "prediction_type": "epsilon",
+    }
+    if kind == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
+    if kind == "ddim":
+        # "trailing" spacing starts at t = T-1, so few-step sampling begins from pure noise
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+        )
+    raise ValueError(f"unknown sampler {kind!r}")
+
+
+def alphas_cumprod(num_train_timesteps: int = 1000, schedule: Schedule = "cosine") -> Tensor:
+    """ᾱ_t for t = 0..T-1 (float64)."""
+    return make_scheduler("ddpm", num_train_timesteps, schedule).alphas_cumprod.double()
+
+
+def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The forward process in closed form: x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε."""
+    a = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+@torch.no_grad()
+def sample(
+    eps_fn: EpsFn,
+    shape: tuple[int, ...],
+    kind: Sampler = "ddpm",
+    steps: int = 1000,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    num_train_timesteps: int = 1000,
+    schedule: Schedule = "cosine",
+    progress: bool = False,
+) -> Tensor:
+    """Reverse-process sampling of ``shape`` from N(0, I) with ``steps`` steps of the chosen sampler.
+
+    ``eps_fn(x_t, t)`` predicts the noise; ``t`` is a scalar long tensor. The whole batch (e.g. every
+    test task) is sampled at once.
+    """
+    sched = make_scheduler(kind, num_train_timesteps, schedule)
+    sched.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device) * sched.init_noise_sigma
+    timesteps = sched.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc=f"{kind} sampling", leave=False)
+    for t in timesteps:
+        eps = eps_fn(x, t)
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+    return x
