@@ -1,0 +1,442 @@
+"""Meta-EasyVQA: the authors' Meta-VQA recipe (SPEC §2.1) applied to the offline ``easy-vqa`` package.
+
+``prepare_easy_vqa`` builds a complete dataset folder (DESIGN.md "The embedded dataset")::
+
+    meta_train.json, meta_test.json      random 70/30 task split (the authors' recipe)
+    family/meta_train.json, family/meta_test.json   held-out question families (default: negated ones)
+    prompts.json, families.json          {question: answer template}, {question: family}
+    clip/model.safetensors, clip/config.json        the small CLIP that made the features
+    features/easyclip-minilm/...         image, question and answer-prompt features
+    dataset.json                         manifest, written last: its presence means complete
+
+Every question of the package is read through one ordered, declarative rule table (``RULES``) that gives
+its family and its answer template; a question that matches no rule is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meta_vqa.data.encode import encode_dataset, load_images
+from meta_vqa.data.features import MANIFEST, read_manifest, verify_manifest, write_manifest
+from meta_vqa.data.tasks import Task, save_tasks, split_support_query, split_tasks, task_statistics
+from meta_vqa.errors import DataError
+from meta_vqa.io import write_json
+from meta_vqa.nets.clip import ClipConfig
+from meta_vqa.stages.clip import load_or_train_clip, torch_threads
+
+log = logging.getLogger(__name__)
+
+BUILDER = "easy-vqa"
+BUILDER_VERSION = 1
+ENCODER = "easyclip-minilm"
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+MIN_IMAGES = 21  # SPEC §2.1 step 5: a task needs > 20 images
+
+
+@dataclass(frozen=True)
+class Family:
+    """A question family. ``mention_holds_if``: the answer for which the colour or shape named in the
+    question is in the image (``None``: always, e.g. "what color is the circle?" implies a circle)."""
+
+    name: str
+    mention_holds_if: str | None
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("color", None),
+        Family("shape_by_color", None),
+        Family("shape", None),
+        Family("presence", "yes"),
+        Family("negated_presence", "no"),
+    )
+}
+DEFAULT_HELD_OUT = ("negated_presence",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``pattern`` (full match) → ``template`` (``re.Match.expand`` syntax, one ``{}`` answer slot)."""
+
+    pattern: str
+    template: str
+    family: str
+
+
+def _yes_no(pattern: str, statement: str, family: str) -> Rule:
+    """A yes/no rule whose filled prompt is a sensible sentence for "yes" and for "no"."""
+    return Rule(pattern, f"the answer to whether {statement} is {{}}", family)
+
+
+_NEG, _POS = "negated_presence", "presence"
+# Ordered: the first full match wins, so negated phrasings come before the plain ones.
+RULES: tuple[Rule, ...] = (
+    Rule(r"what colou?r is the (?P<obj>\w+)\?", r"the \g<obj> is {}", "color"),
+    Rule(r"what is the colou?r of the (?P<obj>\w+)\?", r"the color of the \g<obj> is {}", "color"),
+    Rule(r"what is the (?P<color>\w+) shape\?", r"the \g<color> shape is a {}", "shape_by_color"),
+    Rule(r"what shape does the image contain\?", "the image contains a {}", "shape"),
+    Rule(r"what shape is in the image\?", "a {} is in the image", "shape"),
+    Rule(r"what shape is present\?", "a {} is present", "shape"),
+    _yes_no(r"does the image not contain (?P<obj>an? [\w ]+)\?", r"the image does not contain \g<obj>", _NEG),
+    _yes_no(r"is no (?P<obj>[\w ]+) present\?", r"no \g<obj> is present", _NEG),
+    _yes_no(
+        r"is there not (?P<obj>an? [\w ]+?)(?P<at> in the image)?\?", r"there is not \g<obj>\g<at>", _NEG
+    ),
+    _yes_no(r"does the image contain (?P<obj>an? [\w ]+)\?", r"the image contains \g<obj>", _POS),
+    _yes_no(r"is (?P<obj>an? [\w ]+) present\?", r"\g<obj> is present", _POS),
+    _yes_no(r"is there (?P<obj>an? [\w ]+?)(?P<at> in the image)?\?", r"there is \g<obj>\g<at>", _POS),
+)
+_COMPILED = tuple((re.compile(r.pattern), r) for r in RULES)
+
+
+def classify_question(question: str) -> tuple[Rule, re.Match]:
+    """The first rule whose pattern matches the whole (lower-cased) question."""
+    for pattern, rule in _COMPILED:
+        m = pattern.fullmatch(question.strip().lower())
+        if m:
+            return rule, m
+    raise DataError(f"question {question!r} matches no rule of the easy-vqa rule table (add one to RULES)")
+
+
+def prompt_template(question: str) -> str:
+    """The answer template of a question, e.g. "what color is the circle?" → "the circle is {}"."""
+    rule, m = classify_question(question)
+    return m.expand(rule.template)
+
+
+def question_family(question: str) -> str:
+    """The family name of a question (a key of ``FAMILIES``)."""
+    return classify_question(question)[0].family
+
+
+# --- the package's data ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackageData:
+    """The easy-vqa QA pairs (package train split first, then test) and image paths, ids "train/12"."""
+
+    qa: tuple[tuple[str, str, str], ...]  # (question, answer, image_id)
+    image_paths: dict[str, str]
+    colors: tuple[str, ...]
+
+
+def load_package(max_images: int | None = None) -> PackageData:
+    """Read the ``easy-vqa`` package; ``max_images`` keeps the lowest ids, 80 % from its train split."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise DataError("the embedded dataset needs the 'easy-vqa' package (pip install easy-vqa)") from None
+    answers = list(easy_vqa.get_answers())
+    missing = [a for a in (*SHAPES, *YES_NO) if a not in answers]
+    if missing:
+        raise DataError(
+            f"easy-vqa answers lack {missing[0]!r}; this builder does not know this package version"
+        )
+    colors = tuple(sorted(a for a in answers if a not in SHAPES and a not in YES_NO))
+    splits = {
+        "train": (easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+        "test": (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()),
+    }
+    limit = {"train": None, "test": None}
+    if max_images is not None:
+        if max_images < 10:
+            raise DataError(f"max_images must be at least 10, got {max_images}")
+        limit["train"] = round(0.8 * max_images)
+        limit["test"] = max_images - limit["train"]
+    qa: list[tuple[str, str, str]] = []
+    paths: dict[str, str] = {}
+    for split, ((questions, ans, ids), image_paths) in splits.items():
+        keep = sorted(image_paths)[: limit[split]]
+        paths.update({f"{split}/{i}": str(image_paths[i]) for i in keep})
+        for q, a, i in zip(questions, ans, ids):
+            image_id = f"{split}/{i}"
+            if image_id in paths:
+                qa.append((q, a, image_id))
+            elif limit[split] is None:
+                raise DataError(f"easy-vqa {split} question {q!r} refers to image {i}, which has no file")
+    return PackageData(tuple(qa), paths, colors)
+
+
+def image_attributes(data: PackageData) -> dict[str, tuple[str | None, str | None]]:
+    """Each image's (colour, shape), read off its QA pairs through the question families.
+
+    A positive fact ("what color is the circle?" → red) sets a value; a negative one ("is there a
+    circle?" → no) rules one out, and a kind left with a single candidate takes it. ``None``: unknown.
+    """
+    values = {"color": data.colors, "shape": SHAPES}
+    kinds = {v: k for k, vs in values.items() for v in vs}
+    known: dict[str, dict[str, str]] = {img: {} for img in data.image_paths}
+    excluded: dict[str, set[str]] = {img: set() for img in data.image_paths}
+    for q, a, img in data.qa:
+        family = FAMILIES[question_family(q)]
+        mentioned = [w for w in re.findall(r"\w+", q.lower()) if w in kinds]
+        holds = family.mention_holds_if in (None, a)
+        for word in [a, *mentioned] if holds else [a]:
+            if word in kinds:
+                seen = known[img].setdefault(kinds[word], word)
+                if seen != word:
+                    raise DataError(
+                        f"easy-vqa image {img!r}: question {q!r} says {word!r}, another says {seen!r}"
+                    )
+        if not holds:
+            excluded[img].update(mentioned)
+    out = {}
+    for img, facts in known.items():
+        for kind, candidates in values.items():
+            left = [v for v in candidates if v not in excluded[img]]
+            if kind not in facts and len(left) == 1:
+                facts[kind] = left[0]
+            if facts.get(kind) in excluded[img]:
+                raise DataError(
+                    f"easy-vqa image {img!r}: {kind} {facts[kind]!r} is both stated and ruled out"
+                )
+        out[img] = (facts.get("color"), facts.get("shape"))
+    return out
+
+
+def caption(color: str, shape: str) -> str:
+    """The CLIP training caption of an image, e.g. "a red circle"."""
+    return f"a {color} {shape}"
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+
+def build_tasks(
+    qa: Iterable[tuple[str, str, str]], seed: int = 2021, min_images: int = MIN_IMAGES
+) -> tuple[list[Task], dict]:
+    """SPEC §2.1 steps 2-6 on (question, answer, image) triples; returns the tasks and what was dropped.
+
+    One task per exact question string; an image counts once per question (first occurrence); answers
+    with < 2 images are dropped; a question is kept with ≥ ``min_images`` images, ≥ 2 answers and no "or"
+    token. Answers keep their order of first appearance.
+    """
+    by_question: dict[str, dict[str, list[str]]] = {}
+    seen: dict[str, set[str]] = {}
+    for q, a, img in qa:
+        if img in seen.setdefault(q, set()):
+            continue
+        seen[q].add(img)
+        by_question.setdefault(q, {}).setdefault(a, []).append(img)
+    tasks, dropped = [], {"too_few_images": [], "too_few_answers": [], "or_question": []}
+    for q, images_by_answer in by_question.items():
+        kept = {a: imgs for a, imgs in images_by_answer.items() if len(imgs) >= 2}
+        if "or" in q.split():
+            dropped["or_question"].append(q)
+        elif sum(len(v) for v in kept.values()) < min_images:
+            dropped["too_few_images"].append(q)
+        elif len(kept) < 2:
+            dropped["too_few_answers"].append(q)
+        else:
+            answers = tuple(kept)
+            index = {a: i for i, a in enumerate(answers)}
+            support, query = split_support_query(kept, seed)
+            labelled = [tuple((i, index[a]) for i, a in pairs) for pairs in (support, query)]
+            tasks.append(Task(q, answers, *labelled))
+    report = {"questions": len(by_question), "tasks": len(tasks), "dropped": dropped}
+    return tasks, report
+
+
+def family_split(tasks: Sequence[Task], held_out: Sequence[str] = DEFAULT_HELD_OUT) -> tuple[list, list]:
+    """Meta-test = every task of a held-out family, meta-train = the rest (task order kept)."""
+    unknown = [f for f in held_out if f not in FAMILIES]
+    if unknown:
+        raise DataError(f"unknown question family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    train = [t for t in tasks if question_family(t.question) not in held_out]
+    test = [t for t in tasks if question_family(t.question) in held_out]
+    if not train or not test:
+        raise DataError(
+            f"the family split holding out {list(held_out)} leaves an empty side "
+            f"({len(train)} meta-train, {len(test)} meta-test tasks)"
+        )
+    return train, test
+
+
+# --- prepare ----------------------------------------------------------------------------------------
+
+
+def clip_training_data(
+    data: PackageData, image_ids: list[str], images: torch.Tensor
+) -> tuple[list[str], dict]:
+    """Captions and the CLIP's train (package train) / held-out (package test) images with a known caption."""
+    captions = [caption(c, s) for c in data.colors for s in SHAPES]
+    index = {c: i for i, c in enumerate(captions)}
+    attrs = image_attributes(data)
+    rows = {"train": [], "test": []}
+    labels = {"train": [], "test": []}
+    for row, img in enumerate(image_ids):
+        color, shape = attrs[img]
+        if color and shape:
+            split = img.split("/")[0]
+            rows[split].append(row)
+            labels[split].append(index[caption(color, shape)])
+    sets = {s: (images[rows[s]], torch.tensor(labels[s], dtype=torch.long)) for s in rows}
+    sets["images_with_caption"] = len(rows["train"]) + len(rows["test"])
+    return captions, sets
+
+
+def _write_tasks(out: Path, data: PackageData, seed: int, held_out: Sequence[str]) -> dict:
+    """Tasks, both splits, prompts and families of SPEC §2.1 + this builder; returns them for later steps."""
+    questions = list(dict.fromkeys(q for q, _, _ in data.qa))
+    prompts = {q: prompt_template(q) for q in questions}
+    families = {q: question_family(q) for q in questions}
+    tasks, recipe = build_tasks(data.qa, seed)
+    splits = {"random": split_tasks(tasks, seed), "family": family_split(tasks, held_out)}
+    if not all(splits["random"]):
+        raise DataError(f"{len(tasks)} tasks are too few for a meta-train/meta-test split (use more images)")
+    for name, folder in (("random", out), ("family", out / "family")):
+        save_tasks(folder / "meta_train.json", splits[name][0])
+        save_tasks(folder / "meta_test.json", splits[name][1])
+    write_json(out / "prompts.json", prompts)
+    write_json(out / "families.json", families)
+    sizes = [len(s) for pair in splits.values() for s in pair]
+    log.info(
+        "%d questions → %d tasks; random split %d/%d, family split %d/%d", len(questions), len(tasks), *sizes
+    )
+    recipe["dropped"] = {k: len(v) for k, v in recipe["dropped"].items()}
+    return {"tasks": tasks, "splits": splits, "prompts": prompts, "families": families, "recipe": recipe}
+
+
+def _manifest_info(built: dict, enc: dict, clip: dict, options: dict) -> dict:
+    splits, families = built["splits"], built["families"]
+    counts = {k: enc[k] for k in ("images", "questions", "answer_prompts")} | {"tasks": len(built["tasks"])}
+    for name, (train, test) in splits.items():
+        counts |= {f"{name}_meta_train": len(train), f"{name}_meta_test": len(test)}
+    return {
+        "builder": BUILDER,
+        "builder_version": BUILDER_VERSION,
+        "encoder": ENCODER,
+        "dim": enc["dim"],
+        "question_dim": enc["question_dim"],
+        "seed": options["seed"],
+        "options": options,
+        "counts": counts,
+        "splits": {
+            "random": {"meta_train": "meta_train.json", "meta_test": "meta_test.json"},
+            "family": {"meta_train": "family/meta_train.json", "meta_test": "family/meta_test.json"},
+        },
+        "recipe": built["recipe"],
+        "families": {
+            "held_out": options["held_out_families"],
+            "questions": {f: sum(v == f for v in families.values()) for f in FAMILIES},
+        },
+        "statistics": {
+            name: {"meta_train": task_statistics(train), "meta_test": task_statistics(test)}
+            for name, (train, test) in splits.items()
+        },
+        "clip": clip,
+    }
+
+
+def _summary(out: Path, manifest: dict, reused: bool, times: dict) -> dict:
+    keys = ("encoder", "dim", "question_dim", "counts", "recipe", "families", "statistics", "clip", "seed")
+    return {"out": str(out), "reused": reused, **{k: manifest[k] for k in keys}, "wall_time_s": times}
+
+
+def prepare_easy_vqa(
+    out: str | Path = "data/easy_vqa",
+    seed: int = 2021,
+    force: bool = False,
+    clip_epochs: int = 16,
+    max_images: int | None = None,
+    held_out_families: Sequence[str] = DEFAULT_HELD_OUT,
+    clip_config: ClipConfig | None = None,
+    clip_batch_size: int = 64,
+    clip_lr: float = 2e-3,
+    log_dir: str | Path = "lightning_logs",
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> dict:
+    """Build (or reuse) the Meta-EasyVQA dataset folder ``out``; returns a summary of what it holds.
+
+    Args:
+        out: the dataset folder.
+        seed: seed of the support/query split, the task split and CLIP training.
+        force: rebuild everything even if a valid dataset (or trained CLIP) with these options exists.
+        clip_epochs: CLIP training epochs (also ``clip_batch_size``, ``clip_lr``; ``clip_config``: its net).
+        max_images: use only this many images (the lowest ids, 80 % package-train), for quick runs.
+        held_out_families: question families that form the meta-test side of ``family/``.
+        log_dir: TensorBoard folder of the CLIP run (``<log_dir>/clip/version_N``).
+        progress: show progress bars.
+        num_threads: torch threads for CLIP training and encoding (default: 1 on ≤ 2 cores, see
+            :func:`~meta_vqa.stages.clip.torch_threads`).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    clip_config = clip_config or ClipConfig()
+    unknown = [f for f in held_out_families if f not in FAMILIES]
+    if unknown:
+        raise DataError(f"unknown question family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    arch = {k: v for k, v in clip_config.to_json().items() if k not in ("extra", "text_weights_sha256")}
+    clip_options = {"arch": arch, "epochs": clip_epochs, "batch_size": clip_batch_size, "lr": clip_lr}
+    # Also what the training data and its order depend on; a new builder version retrains.
+    clip_options |= {"seed": seed, "max_images": max_images, "builder_version": BUILDER_VERSION}
+    options = {"seed": seed, "max_images": max_images, "held_out_families": list(held_out_families)}
+    options["clip"] = clip_options
+    options = json.loads(json.dumps(options))  # as stored (tuples become lists), so reruns compare equal
+    clip_options = options["clip"]
+    existing = read_manifest(out) if (out / MANIFEST).is_file() else None
+    if existing is not None and existing.get("builder") != BUILDER and not force:
+        raise DataError(
+            f"{out / MANIFEST}: the folder holds a {existing.get('builder')!r} dataset, not {BUILDER!r}; "
+            "choose another folder or force a rebuild"
+        )
+    if existing is not None and not force:
+        if existing.get("builder_version") == BUILDER_VERSION and existing.get("options") == options:
+            if not verify_manifest(out, existing):
+                log.info("%s: dataset complete and valid, reusing it", out)
+                return _summary(out, existing, True, {"total": time.perf_counter() - start})
+        log.info("%s: dataset was built with other options or its files changed; rebuilding", out)
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is incomplete until the manifest
+
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    data = load_package(max_images)
+    built = _write_tasks(out, data, seed, held_out_families)
+    times["tasks"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    image_ids = list(data.image_paths)
+    images = load_images(data.image_paths, clip_config.image_size, progress=progress)
+    times["images"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    captions, sets = clip_training_data(data, image_ids, images)
+    train_kw = {"epochs": clip_epochs, "batch_size": clip_batch_size, "lr": clip_lr, "seed": seed}
+    clip, clip_reused = load_or_train_clip(
+        out, clip_config, captions, sets["train"], sets["test"], options=clip_options, force=force,
+        log_dir=log_dir, progress=progress, num_threads=num_threads, **train_kw,
+    )  # fmt: skip
+    times["clip"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cfg = clip.config
+    with torch_threads(num_threads):
+        enc = encode_dataset(
+            out, ENCODER, clip.model, clip.tokenizer, image_ids, images, built["tasks"], built["prompts"],
+            cfg.image_mean, cfg.image_std, progress=progress,
+        )  # fmt: skip
+    times["features"] = time.perf_counter() - t
+
+    clip_info = {
+        **cfg.extra["metrics"],
+        "images_with_caption": sets["images_with_caption"],
+        "reused": clip_reused,
+    }
+    info = _manifest_info(built, enc, clip_info, options)
+    write_manifest(out, info)
+    times["total"] = time.perf_counter() - start
+    log.info("%s: dataset written in %.1f s", out, times["total"])
+    return _summary(out, info, False, times)
