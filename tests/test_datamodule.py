@@ -99,3 +99,20 @@ def test_changed_file_is_detected_by_the_manifest(synthetic_root, tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(DataError, match="dataset.json: dataset manifest not found"):
         MetaVQADataModule(str(tmp_path))
+
+
+def test_subsample_keeps_random_valid_examples(synthetic_root):
+    dm = MetaVQADataModule(str(synthetic_root), eval_batch_size=4)
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    sub = batch.subsample(5, 3, torch.Generator().manual_seed(0))
+    assert sub.support_x.shape[1] == 5 and sub.query_x.shape[1] == 3
+    assert sub.support_mask.all() and sub.query_mask.all()
+    for b in range(len(batch)):
+        full = {tuple(r) for r in batch.support_x[b][batch.support_mask[b]].tolist()}
+        rows = [tuple(r) for r in sub.support_x[b].tolist()]
+        assert len(set(rows)) == 5 and set(rows) <= full
+        # labels travel with their features
+        for r, y in zip(rows, sub.support_y[b].tolist()):
+            i = batch.support_x[b].tolist().index(list(r))
+            assert batch.support_y[b, i].item() == y
+    assert batch.subsample(None, None) is not None and batch.subsample(10_000, None).support_x.shape == batch.support_x.shape

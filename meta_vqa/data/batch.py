@@ -29,6 +29,15 @@ def _extent(mask: Tensor) -> int:
     return int(cols[-1]) + 1 if len(cols) else 1
 
 
+def _subsample(x: Tensor, y: Tensor, mask: Tensor, n: int | None, generator: torch.Generator | None):
+    if n is None or n <= 0 or n >= mask.shape[1]:
+        return x, y, mask
+    keys = torch.rand(mask.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    keys = torch.where(mask, keys.to(mask.device), torch.full_like(mask, 2.0, dtype=keys.dtype))
+    chosen, idx = keys.topk(n, dim=1, largest=False)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), y.gather(1, idx), chosen < 1.5
+
+
 @dataclass
 class FeatureBank:
     """The feature matrices on one device."""
@@ -127,6 +136,17 @@ class TaskBatch:
             return [self.trim()]
         order = self.support_mask.sum(1).argsort()
         return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+
+    def subsample(self, max_support: int | None, max_query: int | None,
+                  generator: torch.Generator | None = None) -> TaskBatch:
+        """At most ``max_support`` / ``max_query`` random valid examples per task (None = keep all).
+
+        A cheaper stochastic meta-training step on large tasks: each task keeps a uniform random subset,
+        gathered into a narrower batch.
+        """
+        sx, sy, sm = _subsample(self.support_x, self.support_y, self.support_mask, max_support, generator)
+        qx, qy, qm = _subsample(self.query_x, self.query_y, self.query_mask, max_query, generator)
+        return replace(self, support_x=sx, support_y=sy, support_mask=sm, query_x=qx, query_y=qy, query_mask=qm)
 
     def split(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(x, y, mask)`` of ``"support"``, ``"query"`` or ``"all"`` (support and query concatenated)."""

@@ -53,6 +53,8 @@ class BaseStage(L.LightningModule):
         outer_split: data of the outer loss; default ``query`` for ``mnet_maml`` and ``all`` (support and
             query) for the multitask variants, which have no inner loop to hold the support set for.
         chunk_size: tasks per inner-loop chunk (bounds memory; None = the whole meta-batch at once).
+        max_train_examples: per meta-training step, use at most this many random support (and query)
+            examples of each task (None = all, the paper's full-batch steps); a cheaper step on large tasks.
         grad_clip: max gradient norm, applied before the step (None = off).
         eval_steps, eval_lr: the fine-tuning loop of few-shot evaluation (10 GD steps, lr 0.1).
         max_shots: the n-shot trials run k = 1..max_shots examples per answer.
@@ -75,6 +77,7 @@ class BaseStage(L.LightningModule):
         inner_split: Literal["support", "query"] = "support",
         outer_split: SplitName | None = None,
         chunk_size: int | None = None,
+        max_train_examples: int | None = None,
         grad_clip: float | None = 10.0,
         eval_steps: int = 10,
         eval_lr: float = 0.1,
@@ -139,6 +142,8 @@ class BaseStage(L.LightningModule):
         opt.zero_grad()
         B = len(batch)
         loss_sum, acc_sum = 0.0, 0.0
+        n = self.hparams.max_train_examples
+        batch = batch.subsample(n, n)
         for chunk in batch.chunks(self.hparams.chunk_size):
             losses, correct, total = self._outer_losses(chunk)
             self.manual_backward(losses.sum() / B)  # plain mean over the meta-batch
