@@ -35,7 +35,7 @@ run: $(STAMP)
 	      --trainer.logger.init_args.name base_$$v; \
 	  done; \
 	done
-	$(MV) report $(RUNS) --out $(RUNS)
+	$(MV) report $(RUNS) --out $(RUNS)/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

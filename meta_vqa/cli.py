@@ -34,7 +34,7 @@ verbs:
   test      -c CONFIG.yaml        zero-/few-shot evaluation on the meta-test tasks; writes results.json/.md
   predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
   report    PATH... [--out DIR]   aggregate results.json files under PATHs into one table
-  bench     maml [--json]         batched vs per-task loop throughput, measured in one run
+  bench     maml|hnet [--json]    batched vs per-task loop throughput, measured in one run
   pipeline                        the whole chain in one command (not yet available)
   generate                        weights for a new task description (not yet available)
 
@@ -85,7 +85,26 @@ def run_lightning(argv: list[str]) -> int:
         MetaVQACLI(args=argv)
     except ArgumentError as e:
         return _error(_compact_argument_error(str(e)))
+    except ValueError as e:
+        # jsonargparse wraps what a model's __init__ raises (e.g. a missing upstream checkpoint)
+        cause = _user_error_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
     return 0
+
+
+def _user_error_cause(e: BaseException):
+    """The first :class:`MetaVQAError` in an exception's cause/context chain, if any."""
+    from meta_vqa.errors import MetaVQAError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MetaVQAError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _compact_argument_error(msg: str) -> str:
@@ -154,7 +173,7 @@ def run_report(argv: list[str]) -> int:
     missing = [x for x in args.paths if not os.path.exists(x)]
     if missing:
         raise MetaVQAError(f"{missing[0]}: no such file or folder")
-    records = load_results(args.paths)
+    records = load_results(args.paths, exclude=args.out)
     if not records:
         raise MetaVQAError(f"{args.paths[0]}: no results.json found")
     if args.out:

@@ -55,4 +55,4 @@ class MetaVQACLI(LightningCLI):
         if not self.config[self.subcommand].get("test_after_fit"):
             return
         ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)

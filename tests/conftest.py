@@ -32,3 +32,33 @@ def meta_vqa_files() -> Path:
     if not (SHARED_DATA / "meta_train.json").is_file():
         pytest.skip("../shared/data/meta_vqa is not available")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smoke_hnet(synthetic_root, tmp_path_factory) -> dict:
+    """A tiny HNet-MAML trained and tested on the synthetic dataset (conf/smoke/hnet.yaml), once per session.
+
+    Returns ``{"root", "dir", "ckpt", "results"}``: the working folder, the best checkpoint and the
+    test records.
+    """
+    import json
+
+    from meta_vqa.cli import main
+
+    work = tmp_path_factory.mktemp("smoke_hnet")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        args = ["fit", "-c", str(REPO / "conf" / "smoke" / "hnet.yaml"), "--data.root", str(synthetic_root)]
+        args += [
+            "--model.init_args.results_dir",
+            str(work / "results"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+        assert main([*args, "--test_after_fit", "true"]) == 0
+    finally:
+        os.chdir(cwd)
+    ckpt = next((work / "lightning_logs").rglob("best-*.ckpt"))
+    records = json.loads((work / "results" / "results.json").read_text())
+    return {"root": synthetic_root, "dir": work, "ckpt": ckpt, "results": records}

@@ -16,11 +16,11 @@ def test_batches_hold_the_task_files_examples(synthetic_root):
     dm = MetaVQADataModule(str(synthetic_root), batch_size=3, eval_batch_size=3)
     idx_batch = next(iter(dm.test_dataloader()))
     batch = dm.on_after_batch_transfer(idx_batch, 0)
-    tasks = load_tasks(synthetic_root / "meta_test.json")[:3]
+    by_question = {t.question: t for t in load_tasks(synthetic_root / "meta_test.json")}
     store = dm.store
     row = {img: i for i, img in enumerate(store.image_ids)}
-    for b, t in enumerate(tasks):
-        assert dm.question(int(batch.task[b])) == t.question
+    for b in range(len(batch)):
+        t = by_question[dm.question(int(batch.task[b]))]
         n = len(t.support)
         assert batch.support_mask[b].sum() == n and batch.support_mask[b, :n].all()
         expected_x = store.images[[row[i] for i, _ in t.support]]
@@ -29,6 +29,13 @@ def test_batches_hold_the_task_files_examples(synthetic_root):
         assert batch.query_y[b, : len(t.query)].tolist() == [y for _, y in t.query]
         assert batch.answer_mask[b].sum() == t.num_answers
         torch.testing.assert_close(batch.question[b], store.question_features[int(batch.task[b])])
+
+
+def test_evaluation_batches_group_tasks_of_similar_size(synthetic_root):
+    dm = MetaVQADataModule(str(synthetic_root), eval_batch_size=2)
+    sizes = [int(b.support_idx.ge(0).sum(1).max()) for b in dm.test_dataloader()]
+    assert sizes == sorted(sizes)
+    assert sum(len(b.task) for b in dm.test_dataloader()) == len(dm.test_tasks)
 
 
 def test_validation_slice_is_seeded_and_disjoint(synthetic_root):
@@ -115,4 +122,7 @@ def test_subsample_keeps_random_valid_examples(synthetic_root):
         for r, y in zip(rows, sub.support_y[b].tolist()):
             i = batch.support_x[b].tolist().index(list(r))
             assert batch.support_y[b, i].item() == y
-    assert batch.subsample(None, None) is not None and batch.subsample(10_000, None).support_x.shape == batch.support_x.shape
+    assert (
+        batch.subsample(None, None) is not None
+        and batch.subsample(10_000, None).support_x.shape == batch.support_x.shape
+    )

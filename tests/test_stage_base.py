@@ -103,11 +103,11 @@ def test_checkpoint_reload_gives_identical_predictions(synthetic_root, tmp_path,
         == 0
     )
     ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
-    model = BaseStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
-    again = BaseStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    model = BaseStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    again = BaseStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     q = torch.randn(3, model.hparams.question_dim)
     torch.testing.assert_close(model.hnet(q), again.hnet(q))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
 
 
@@ -127,7 +127,7 @@ def test_resume_from_last_checkpoint_continues_the_step_count(synthetic_root, tm
     ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
     assert main(["fit", *base, "--trainer.max_steps", "8", "--ckpt_path", str(ckpt)]) == 0
     lasts = sorted((tmp_path / "lightning_logs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert torch.load(lasts[-1], map_location="cpu", weights_only=False)["global_step"] == 8
+    assert torch.load(lasts[-1], map_location="cpu", weights_only=True)["global_step"] == 8
 
 
 def test_ddp_spawn_test_matches_a_single_process(synthetic_root, tmp_path, monkeypatch):

@@ -32,7 +32,9 @@ def _extent(mask: Tensor) -> int:
 def _subsample(x: Tensor, y: Tensor, mask: Tensor, n: int | None, generator: torch.Generator | None):
     if n is None or n <= 0 or n >= mask.shape[1]:
         return x, y, mask
-    keys = torch.rand(mask.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    keys = torch.rand(
+        mask.shape, generator=generator, device="cpu" if generator is None else generator.device
+    )
     keys = torch.where(mask, keys.to(mask.device), torch.full_like(mask, 2.0, dtype=keys.dtype))
     chosen, idx = keys.topk(n, dim=1, largest=False)
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), y.gather(1, idx), chosen < 1.5
@@ -137,8 +139,9 @@ class TaskBatch:
         order = self.support_mask.sum(1).argsort()
         return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
 
-    def subsample(self, max_support: int | None, max_query: int | None,
-                  generator: torch.Generator | None = None) -> TaskBatch:
+    def subsample(
+        self, max_support: int | None, max_query: int | None, generator: torch.Generator | None = None
+    ) -> TaskBatch:
         """At most ``max_support`` / ``max_query`` random valid examples per task (None = keep all).
 
         A cheaper stochastic meta-training step on large tasks: each task keeps a uniform random subset,
@@ -146,7 +149,9 @@ class TaskBatch:
         """
         sx, sy, sm = _subsample(self.support_x, self.support_y, self.support_mask, max_support, generator)
         qx, qy, qm = _subsample(self.query_x, self.query_y, self.query_mask, max_query, generator)
-        return replace(self, support_x=sx, support_y=sy, support_mask=sm, query_x=qx, query_y=qy, query_mask=qm)
+        return replace(
+            self, support_x=sx, support_y=sy, support_mask=sm, query_x=qx, query_y=qy, query_mask=qm
+        )
 
     def split(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(x, y, mask)`` of ``"support"``, ``"query"`` or ``"all"`` (support and query concatenated)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,10 +13,19 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from meta_vqa.data.adaptation import (
+    AdaptationChunks,
+    AdaptationIndexBatch,
+    AdaptationJob,
+    AdaptationRecipe,
+    first_item,
+    plan_jobs,
+)
 from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch
 from meta_vqa.data.features import FeatureStore, feature_dir, read_manifest, verify_manifest
+from meta_vqa.data.latents import AdaptationData, EpochBatches, LatentTasks, identity
 from meta_vqa.data.tasks import Task, load_tasks
-from meta_vqa.errors import DataError
+from meta_vqa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +62,16 @@ class MetaVQADataModule(L.LightningDataModule):
         eval_batch_size: tasks per validation / test / predict batch.
         val_fraction: share of the meta-train tasks held out, seeded, for model selection.
         val_seed: seed of that choice.
-        predict_split: the task set ``predict`` iterates over.
+        predict_split: the task set ``predict`` iterates over; ``adaptation``: the jobs that make the
+            adaptation dataset (SPEC §4.2; see :mod:`meta_vqa.data.adaptation`).
         verify: check every file's sha256 against the manifest when loading.
+        adapt_epochs: epochs of the adaptation dataset (random-subset adaptations of every train task).
+        adapt_min_fraction: subsets keep ⌈N·f⌉ of a task's N examples, f ~ U[adapt_min_fraction, 1).
+        adapt_steps, adapt_lr: the SGD loop that adapts each latent (10 steps, lr 0.1).
+        adapt_seed: seed of the subsets.
+        adaptation: an adaptation dataset (folder or ``adaptation.safetensors``); if set, training
+            batches are :class:`~meta_vqa.data.latents.LatentBatch` es of adapted latents (HVAE,
+            HyperCLIP, HyperLDM), one random adaptation epoch per training epoch.
     """
 
     def __init__(
@@ -63,8 +83,14 @@ class MetaVQADataModule(L.LightningDataModule):
         eval_batch_size: int = 32,
         val_fraction: float = 0.1,
         val_seed: int = 0,
-        predict_split: Literal["train", "val", "test"] = "test",
+        predict_split: Literal["train", "val", "test", "adaptation"] = "test",
         verify: bool = True,
+        adapt_epochs: int = 100,
+        adapt_min_fraction: float = 2 / 3,
+        adapt_steps: int = 10,
+        adapt_lr: float = 0.1,
+        adapt_seed: int = 42,
+        adaptation: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,6 +99,16 @@ class MetaVQADataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.predict_split = predict_split
+        if not 0.0 < adapt_min_fraction < 1.0:
+            raise ConfigError(f"data.adapt_min_fraction: must lie in (0, 1), got {adapt_min_fraction}")
+        if adapt_epochs < 0:
+            raise ConfigError(f"data.adapt_epochs: must be >= 0, got {adapt_epochs}")
+        self.adaptation_recipe = AdaptationRecipe(
+            adapt_epochs, adapt_min_fraction, adapt_steps, adapt_lr, adapt_seed
+        )
+        self.adaptation = adaptation
+        self._adaptation_data: AdaptationData | None = None
+        self._skip_jobs: set[str] = set()
         manifest = read_manifest(self.root)
         self.manifest = manifest
         self.encoder = encoder or manifest.get("encoder")
@@ -166,8 +202,12 @@ class MetaVQADataModule(L.LightningDataModule):
 
     # --- loaders -----------------------------------------------------------------------------------
     def _loader(self, which: str, shuffle: bool, batch_size: int) -> DataLoader:
+        items = self._items[which]
+        if not shuffle:
+            # evaluation batches of similar-sized tasks: far less padding (results are per task)
+            items = sorted(items, key=lambda it: (len(it["support"]), len(it["query"])))
         return DataLoader(
-            self._items[which],
+            items,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=TaskIndexBatch.collate,
@@ -175,6 +215,11 @@ class MetaVQADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.adaptation is not None:
+            data = self.adaptation_data
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            batches = EpochBatches(data.epochs, data.num_tasks, self.batch_size, seed)
+            return DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
         return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -186,11 +231,57 @@ class MetaVQADataModule(L.LightningDataModule):
         return self._loader("test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_split == "adaptation":
+            jobs = [j for j in self.adaptation_jobs() if j.name not in self._skip_jobs]
+            chunks = AdaptationChunks(jobs, self._items, self.adaptation_recipe, self.eval_batch_size)
+            return DataLoader(chunks, batch_size=1, shuffle=False, collate_fn=first_item, num_workers=0)
         return self._loader(self.predict_split, False, self.eval_batch_size)
 
     def loader(self, which: Literal["train", "val", "test"], batch_size: int | None = None) -> DataLoader:
         """An unshuffled loader over any task set (for evaluation outside a Trainer)."""
         return self._loader(which, False, batch_size or self.eval_batch_size)
+
+    # --- the adaptation dataset: making it (predict) and reading it (training of later stages) ---------
+    def adaptation_jobs(self) -> list[AdaptationJob]:
+        """Every job of the adaptation dataset, in the order ``predict`` runs them."""
+        n = {k: len(v) for k, v in self._items.items()}
+        return plan_jobs(n, self.adaptation_recipe)
+
+    def adaptation_task_ids(self, which: Literal["train", "val", "test"]) -> list[int]:
+        """Task ids (question-matrix rows) of a task set, in the order the adaptation dataset stores them."""
+        return [it["task"] for it in self._items[which]]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the manifest's file hashes: changes whenever the dataset is rebuilt."""
+        files = json.dumps(sorted(self.manifest.get("files", {}).items()))
+        return hashlib.sha256(files.encode()).hexdigest()
+
+    def skip_adaptation_jobs(self, names: set[str]) -> None:
+        """Leave out jobs that are already written (an interrupted run resuming); set before ``predict``."""
+        self._skip_jobs = set(names)
+
+    @property
+    def adaptation_data(self) -> AdaptationData:
+        """The adaptation dataset named by ``adaptation``, checked against this dataset's meta-train tasks."""
+        if self.adaptation is None:
+            raise ConfigError("data.adaptation: this stage trains on an adaptation dataset; set its path")
+        if self._adaptation_data is None:
+            data = AdaptationData.load(self.adaptation)
+            made_from = (data.meta.get("config") or {}).get("dataset")
+            if made_from is not None and made_from != self.fingerprint:
+                raise DataError(
+                    f"{data.path}: made from another build of {self.root} (its dataset.json has changed "
+                    "since); make the adaptation dataset again"
+                )
+            ids = data.tensors["task_ids"].tolist()
+            if sorted(ids) != sorted(self.adaptation_task_ids("train")):
+                raise DataError(
+                    f"{data.path}: made for other meta-train tasks than data.root={str(self.root)!r} "
+                    f"split={self.split!r} with this val_fraction/val_seed gives"
+                )
+            self._adaptation_data = data
+        return self._adaptation_data
 
     # --- device side -------------------------------------------------------------------------------
     def bank(self, device: torch.device | str) -> FeatureBank:
@@ -208,6 +299,8 @@ class MetaVQADataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, TaskIndexBatch):
             return batch.gather(self.bank(batch.task.device))
+        if isinstance(batch, AdaptationIndexBatch):
+            return batch.gather(self.bank(batch.tasks.task.device))
         return batch
 
     def to_batch(self, batch: TaskIndexBatch, device: torch.device | str = "cpu") -> TaskBatch:

@@ -9,7 +9,6 @@ A record is one method × split × shots × seed:
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from meta_vqa.errors import MetaVQAError
 from meta_vqa.eval.protocol import ShotResult
 from meta_vqa.io import write_json, write_text
 
@@ -31,6 +31,7 @@ METHOD_ORDER = [
     "mnet_maml",
     "hnet_maml",
     "hvae",
+    "hvae_recon",  # HVAE reconstruction of support-adapted HNet weights (a diagnostic row)
     "hnet_hyperclip",
     "hvae_hyperclip",
     "hnet_hyperldm",
@@ -38,7 +39,7 @@ METHOD_ORDER = [
     "hnet_combined",
     "hvae_combined",
 ]
-EXTRA_KEYS = ("gamma", "control")
+EXTRA_KEYS = ("gamma", "control", "classifier_scale")
 
 
 def _shots_key(s) -> tuple[int, int]:
@@ -102,6 +103,17 @@ def _unique_tasks(rows: Tensor) -> Tensor:
     return rows[keep]
 
 
+def _row_name(method: str, gamma=None, control=None, classifier_scale=None) -> str:
+    name = method
+    if gamma is not None:
+        name += f" γ={gamma:g}"
+    if classifier_scale is not None:
+        name += f" s={classifier_scale:g}"
+    if control and control != "aligned":
+        name += f" ({control})"
+    return name
+
+
 def _method_rank(m: str) -> int:
     return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
 
@@ -114,14 +126,23 @@ def write_results(out_dir: str | Path, records: list[dict], title: str = "Result
     return out_dir / "results.json"
 
 
-def load_results(paths: Iterable[str | Path]) -> list[dict]:
-    """All records of the given ``results.json`` files or folders (searched recursively)."""
+def load_results(paths: Iterable[str | Path], exclude: str | Path | None = None) -> list[dict]:
+    """All records of the given ``results.json`` files or folders (searched recursively).
+
+    Files under ``exclude`` (e.g. the folder an aggregated report is written to) are skipped.
+    """
+    skip = Path(exclude).resolve() if exclude else None
     records = []
     for p in paths:
         p = Path(p)
         files = sorted(p.rglob("results.json")) if p.is_dir() else [p]
         for f in files:
-            records += json.loads(f.read_text(encoding="utf-8"))
+            if skip is not None and f.resolve().is_relative_to(skip):
+                continue
+            try:
+                records += json.loads(f.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise MetaVQAError(f"{f}: not valid JSON ({e})") from None
     return records
 
 
@@ -161,10 +182,10 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
         sub = [r for r in rows if r["split"] == split]
         shots = sorted({r["shots"] for r in sub}, key=_shots_key)
         methods = sorted(
-            {(r["method"], r.get("gamma"), r.get("control")) for r in sub},
-            key=lambda m: (_method_rank(m[0]), str(m[1]), str(m[2])),
+            {(r["method"], *(r.get(k) for k in EXTRA_KEYS)) for r in sub},
+            key=lambda m: (_method_rank(m[0]), *(str(x) for x in m[1:])),
         )
-        cell = {(r["method"], r.get("gamma"), r.get("control"), r["shots"]): r for r in sub}
+        cell = {(r["method"], *(r.get(k) for k in EXTRA_KEYS), r["shots"]): r for r in sub}
         seeds = max(r["seeds"] for r in sub)
         lines += [
             f"## split: {split} ({seeds} seed{'s' if seeds > 1 else ''})",
@@ -173,7 +194,7 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
             "|---|" + "---|" * (len(shots) + 1),
         ]
         for m in methods:
-            name = m[0] + (f" γ={m[1]:g}" if m[1] is not None else "") + (f" ({m[2]})" if m[2] else "")
+            name = _row_name(*m)
             cells = []
             for s in shots:
                 r = cell.get((*m, s))
@@ -182,7 +203,3 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(n)} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def format_float(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.2f}"

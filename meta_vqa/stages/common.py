@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.eval.results import ResultCollector, render_markdown, write_results
+from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def finish_test(
     records = collector.records(split_name(module), global_seed(), gather)
     collector.reset()
     for r in records:
-        extra = "".join(f"_{k}{r[k]}" for k in ("gamma", "control") if k in r)
+        extra = "".join(f"_{k}{r[k]}" for k in EXTRA_KEYS if k in r)
         module.log(f"test/{r['method']}{extra}/acc_{r['shots']}", r["accuracy"], rank_zero_only=True)
     if trainer.is_global_zero:
         out = Path(results_dir or trainer.log_dir or ".")

@@ -1,0 +1,131 @@
+"""Bench: HNet-MAML at paper scale, batched over tasks vs a per-task loop (SPEC §4.1, §4.2).
+
+Two figures, each measured against the straightforward per-task loop in the same run on the same tasks:
+
+* ``meta_train_tasks_per_s``: one meta-step (inner loop over the latent + outer backward to θ and z0)
+  through the stage's own ``_outer_losses``; the baseline feeds the tasks one at a time, unpadded.
+* ``adapted_latents_per_s``: the adaptation dataset's inner loop (10 SGD steps from z0 on each task's
+  data) through ``HNetStage.adapt_latents``, batched vs one task per call.
+
+On CUDA also the peak memory of each. Task sizes are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from meta_vqa.bench import figure, resolve_device, timed
+from meta_vqa.bench.maml import draw_sizes, make_batch
+from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.stages.hnet import HNetStage
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch / adaptation call")
+    p.add_argument("--steps", type=int, default=10, help="inner steps")
+    p.add_argument("--dim", type=int, default=768, help="CLIP feature width (768: D = 394,240)")
+    p.add_argument("--hidden", type=int, default=256, help="adapter hidden width")
+    p.add_argument("--latent", type=int, default=128, help="latent size")
+    p.add_argument("--hnet-hidden", type=int, nargs="+", default=[128, 128, 128], help="HNet hidden widths")
+    p.add_argument("--chunk-size", type=int, default=8, help="tasks per batched chunk (0 = all at once)")
+    p.add_argument("--second-order", action="store_true", help="second-order MAML instead of first-order")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per side (median reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    chunk = args.chunk_size or None
+    stage = HNetStage(
+        feature_dim=args.dim,
+        question_dim=args.dim,
+        adapter_hidden=args.hidden,
+        latent_dim=args.latent,
+        hnet_hidden=tuple(args.hnet_hidden),
+        inner_steps=args.steps,
+        first_order=not args.second_order,
+        chunk_size=chunk,
+    ).to(device)
+    sizes = draw_sizes(args.tasks, np.random.default_rng(args.seed))
+    batch = make_batch(sizes, args.dim, args.dim, device, args.seed)
+    B = len(batch)
+    singles = [batch.select(torch.tensor([i], device=device)) for i in range(B)]
+    params = [p for p in stage.parameters() if p.requires_grad]
+
+    def meta_grad(chunks) -> torch.Tensor:
+        stage.zero_grad(set_to_none=True)
+        for c in chunks:
+            losses, _, _, _ = stage._outer_losses(c)
+            (losses.sum() / B).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    def batched() -> torch.Tensor:
+        return meta_grad(batch.chunks(chunk))
+
+    def per_task() -> torch.Tensor:
+        return meta_grad(singles)
+
+    loop = InnerLoop(args.steps, 0.1, True)
+
+    def adapt_batched() -> torch.Tensor:
+        return stage.adapt_latents(batch, loop)
+
+    def adapt_per_task() -> torch.Tensor:
+        return torch.cat([stage.adapt_latents(one, loop) for one in singles])
+
+    g_b, g_l = batched(), per_task()
+    grad_diff = ((g_b - g_l).abs().max() / g_l.abs().max().clamp(min=1e-12)).item()
+    z_b, z_l = adapt_batched(), adapt_per_task()
+    latent_diff = ((z_b - z_l).abs().max() / z_l.abs().max().clamp(min=1e-12)).item()
+
+    _reset_peak(device)
+    t_b = timed(batched, device, args.repeats)
+    peak_b = _peak(device)
+    _reset_peak(device)
+    t_l = timed(per_task, device, args.repeats)
+    peak_l = _peak(device)
+    _reset_peak(device)
+    ta_b = timed(adapt_batched, device, args.repeats)
+    apeak_b = _peak(device)
+    _reset_peak(device)
+    ta_l = timed(adapt_per_task, device, args.repeats)
+    apeak_l = _peak(device)
+
+    config = {
+        "tasks": B,
+        "inner_steps": args.steps,
+        "first_order": not args.second_order,
+        "adapter_params": stage.adapter.num_params,
+        "latent": args.latent,
+        "hnet_hidden": list(args.hnet_hidden),
+        "hnet_params": sum(p.numel() for p in stage.hnet.parameters()),
+        "chunk_size": args.chunk_size,
+        "support_sizes": [s for s, _, _ in sizes],
+        "query_sizes": [q for _, q, _ in sizes],
+        "grad_rel_max_diff": grad_diff,
+        "latent_rel_max_diff": latent_diff,
+        "repeats": args.repeats,
+    }
+    out = [
+        figure("hnet", "meta_train_tasks_per_s", B / t_b, "tasks/s", B / t_l, t_l / t_b, device, config),
+        figure("hnet", "adapted_latents_per_s", B / ta_b, "latents/s", B / ta_l, ta_l / ta_b, device, config),
+    ]
+    if device.type == "cuda":
+        small = {"tasks": B, "chunk_size": args.chunk_size}
+        out.append(figure("hnet", "peak_memory_meta_train", peak_b, "MiB", peak_l, None, device, small))
+        out.append(figure("hnet", "peak_memory_adaptation", apeak_b, "MiB", apeak_l, None, device, small))
+    return out

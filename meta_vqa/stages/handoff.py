@@ -1,0 +1,161 @@
+"""Stage hand-off (DESIGN.md "Stage hand-off"): a downstream stage holds its frozen upstream as a submodule.
+
+One entry point, :func:`attach_upstream`, used by every downstream stage::
+
+    self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=(HNetStage,))
+    self.hparams["upstream"] = record
+
+* Training from scratch (``upstream_ckpt`` set, no record): the checkpoint is read with
+  ``weights_only=True``, the upstream stage is rebuilt from its saved hyper-parameters, its weights are
+  loaded strictly, it is frozen and kept in eval mode. The record (class path, hyper-parameters, sha256,
+  path) goes into the downstream hyper-parameters.
+* Restoring a downstream checkpoint (record present): the upstream is rebuilt from the record alone and
+  its weights come from the downstream checkpoint's own state dict, so the upstream file is never read
+  (it may be gone); ``upstream_ckpt`` is then ignored.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import pickle
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from meta_vqa.errors import ConfigError, DataError
+from meta_vqa.io import sha256_file
+from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.nets.adapter import ResidualAdapter
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LatentGenerator(Protocol):
+    """What a generator stage (HNet-MAML, HVAE) offers to guidance stages: latents → adapter weights."""
+
+    adapter: ResidualAdapter
+
+    @property
+    def latent_dim(self) -> int: ...
+
+    @property
+    def eval_loop(self) -> InnerLoop: ...
+
+    def weights(self, z: Tensor) -> Tensor: ...
+
+    def init_latents(self, task: Tensor) -> Tensor: ...
+
+
+class FrozenUpstream(nn.Module):
+    """An upstream stage as a frozen submodule: no gradients, always in eval mode."""
+
+    def __init__(self, module: L.LightningModule):
+        super().__init__()
+        self.module = module.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenUpstream:
+        return super().train(False)  # Lightning calls .train() on the whole model; stay in eval mode
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint loaded with ``weights_only=True``; bad files raise one :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: upstream checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path}: holds objects other than plain weights and settings; refusing to unpickle it ({e})"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise DataError(
+            f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else e})"
+        ) from None
+    for key in ("state_dict", "hyper_parameters"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise DataError(f"{path}: not a Lightning checkpoint of a stage (no {key!r})")
+    return ckpt
+
+
+def _resolve(name: str | None, expected: tuple[type, ...], where: str) -> type:
+    """The expected class named ``name`` (only classes listed in ``expected`` are ever imported)."""
+    if name is None:
+        return expected[0]
+    for cls in expected:
+        if class_path(cls) == name:
+            return cls
+    wanted = " or ".join(class_path(c) for c in expected)
+    raise ConfigError(f"{where}: a {name} checkpoint, expected {wanted}")
+
+
+def build_upstream(
+    record: dict, expected: tuple[type, ...], where: str = "model.upstream"
+) -> L.LightningModule:
+    """An upstream stage rebuilt from a record's class path and hyper-parameters (untrained weights)."""
+    cls = _resolve(record.get("class_path"), expected, where)
+    try:
+        # an empty context: LightningCLI passes the *downstream* hyper-parameters to save_hyperparameters
+        # through a context variable, which would otherwise leak into the nested upstream stage
+        return contextvars.Context().run(cls, **record.get("hparams", {}))
+    except TypeError as e:
+        raise ConfigError(
+            f"{where}: cannot rebuild {cls.__name__} from the recorded hyper-parameters ({e})"
+        ) from None
+
+
+def load_upstream(path: str | Path, expected: tuple[type, ...]) -> tuple[L.LightningModule, dict]:
+    """Rebuild and strictly load a stage from its checkpoint; returns ``(module, record)``."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["hyper_parameters"])
+    name = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    record = {"class_path": name or class_path(expected[0]), "hparams": hparams, "path": str(path)}
+    module = build_upstream(record, expected, where=str(path))
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise DataError(
+            f"{path}: weights do not match {type(module).__name__} ({str(e).splitlines()[0]})"
+        ) from None
+    record["sha256"] = sha256_file(path)
+    return module, record
+
+
+def attach_upstream(
+    upstream_ckpt: str | None,
+    record: dict | None,
+    expected: tuple[type, ...],
+    key: str = "model.upstream_ckpt",
+) -> tuple[FrozenUpstream, dict]:
+    """The frozen upstream of a downstream stage and its record (see the module docstring)."""
+    if record is not None:
+        module = build_upstream(record, expected)  # weights follow from the downstream checkpoint
+        if upstream_ckpt and upstream_ckpt != record.get("path"):
+            log.info("%s=%s ignored: restoring the upstream recorded in the checkpoint", key, upstream_ckpt)
+    elif upstream_ckpt is None:
+        raise ConfigError(f"{key}: required (the upstream stage's checkpoint)")
+    else:
+        if not Path(upstream_ckpt).is_file():
+            raise DataError(f"{upstream_ckpt}: upstream checkpoint not found ({key})")
+        module, record = load_upstream(upstream_ckpt, expected)
+        log.info(
+            "upstream %s loaded from %s (sha256 %s…)",
+            record["class_path"],
+            upstream_ckpt,
+            record["sha256"][:12],
+        )
+    return FrozenUpstream(module), record
