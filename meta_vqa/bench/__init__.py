@@ -16,8 +16,8 @@ import torch
 
 from meta_vqa.errors import MetaVQAError
 
-BENCHES = {"maml": "meta_vqa.bench.maml"}
-LATER = {"hnet": "the hypernetwork issue", "sample": "the guidance issue"}
+BENCHES = {"maml": "meta_vqa.bench.maml", "hnet": "meta_vqa.bench.hnet", "sample": "meta_vqa.bench.sample"}
+LATER: dict[str, str] = {}
 
 
 def device_name(device: torch.device) -> str:

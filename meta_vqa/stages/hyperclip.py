@@ -1,0 +1,206 @@
+"""HyperCLIP (SPEC §4.4–4.5): a contrastive weight encoder and classifier guidance by latent optimisation.
+
+Training: for each task of an adaptation epoch, the weights its adapted latent produces (HNet: G_θ(z);
+HVAE: the VAE's reconstruction through a stochastic encoding, the authors' ``train_on_vae``) are
+encoded by H_ω and matched against the normalised question embeddings with the symmetric InfoNCE loss
+(features gathered across DDP ranks; temperature fixed at 1/100 or learned).
+
+Zero-shot (guidance): starting from the generator's start latent, the latents of all test tasks are
+optimised at once to maximise cos(H_ω(G(z)), e_q) (Adam, 50 steps, lr 1e-3; optional prior term and
+Langevin noise). Few-shot starts from the guided latent. Diagnostic: 10-way task retrieval (a task's
+support-adapted weights scored against its own and 9 other tasks' questions).
+Method ids ``hnet_hyperclip`` / ``hvae_hyperclip`` with ``control`` aligned | shuffled | empty.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.data.latents import LatentBatch
+from meta_vqa.diffusion.guidance import optimize_latents
+from meta_vqa.errors import DataError
+from meta_vqa.eval.protocol import Protocol
+from meta_vqa.eval.results import ResultCollector
+from meta_vqa.nets.weight_encoder import WeightEncoder, contrastive_loss
+from meta_vqa.stages.common import finish_test, grad_enabled
+from meta_vqa.stages.generator import (
+    GENERATORS,
+    control_questions,
+    generator_kind,
+    latents_from_adaptation,
+    query_accuracy,
+    support_latents,
+)
+from meta_vqa.stages.handoff import attach_upstream
+
+Control = Literal["aligned", "shuffled", "empty"]
+
+
+class HyperCLIPStage(L.LightningModule):
+    """Weight encoder trained contrastively against question embeddings; guided zero-shot latents.
+
+    Args:
+        upstream_ckpt: the generator's checkpoint (HNet-MAML or HVAE stage).
+        upstream: the upstream record kept in this stage's checkpoint (leave unset).
+        feature_dim, question_dim: linked from the data.
+        hidden: hidden widths of the weight encoder (128, 128).
+        scale: the contrastive logit scale (100); ``learn_scale`` trains it (clamped to [1, 100]).
+        guidance_steps, guidance_lr: the latent optimisation (50 Adam steps, lr 1e-3).
+        guidance_prior: λ of the (λ/2)·||z − z_init||² term (0 = off, the authors' default).
+        langevin: Langevin noise scale ε_L (0 = off).
+        cosine_lr: cosine learning-rate schedule over the guidance steps.
+        controls: descriptions evaluated in ``test`` (aligned, shuffled, empty).
+        retrieval_way: candidates of the retrieval diagnostic (10).
+        max_shots, eval_seed: n-shot trials and their seed; fine-tuning uses the generator's loop.
+        results_dir: where ``test`` writes results.json/.md.
+        optimizer: Adam, lr 1e-3.
+    """
+
+    def __init__(
+        self,
+        upstream_ckpt: str | None = None,
+        upstream: dict | None = None,
+        feature_dim: int = 768,
+        question_dim: int = 768,
+        hidden: tuple[int, ...] = (128, 128),
+        scale: float = 100.0,
+        learn_scale: bool = False,
+        guidance_steps: int = 50,
+        guidance_lr: float = 1e-3,
+        guidance_prior: float = 0.0,
+        langevin: float = 0.0,
+        cosine_lr: bool = False,
+        controls: tuple[Control, ...] = ("aligned", "shuffled", "empty"),
+        retrieval_way: int = 10,
+        max_shots: int = 5,
+        eval_seed: int = 42,
+        results_dir: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=GENERATORS)
+        self.hparams["upstream"] = record
+        gen = self.generator
+        if gen.adapter.dim != feature_dim:
+            raise DataError(
+                f"{record.get('path')}: the generator was trained on {gen.adapter.dim}-d features, "
+                f"but the data has {feature_dim}-d features"
+            )
+        self.encoder = WeightEncoder(gen.adapter.num_params, question_dim, hidden, scale, learn_scale)
+        self.method = f"{generator_kind(gen)}_hyperclip"
+        self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)
+        keys = ("acc_zero_shot", "acc_start", "retrieval_acc", "loss")
+        self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in keys})
+        self.collector = ResultCollector()
+        self.retrieval = {"hits": 0.0, "n": 0}
+
+    @property
+    def generator(self):
+        return self.upstream.module
+
+    # --- the classifier ------------------------------------------------------------------------------
+    def similarity(self, w: Tensor, questions: Tensor) -> Tensor:
+        """cos(H_ω(w), e_q) per row; a zero question (the null description) scores 0."""
+        return (self.encoder(w) * F.normalize(questions, dim=-1)).sum(-1)
+
+    def guided_latents(self, task: Tensor, questions: Tensor) -> Tensor:
+        """Zero-shot latents of the tasks, guided by their descriptions (SPEC §4.5)."""
+        gen, hp = self.generator, self.hparams
+        z_init = gen.init_latents(task).detach()
+        g = torch.Generator(device=z_init.device).manual_seed(hp.eval_seed) if hp.langevin else None
+        return optimize_latents(
+            z_init,
+            lambda z: self.similarity(gen.weights(z), questions),
+            hp.guidance_steps,
+            hp.guidance_lr,
+            hp.guidance_prior,
+            hp.langevin,
+            hp.cosine_lr,
+            g,
+        )
+
+    # --- training ------------------------------------------------------------------------------------
+    def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
+        gen = self.generator
+        with torch.no_grad():
+            w = gen.weights(latents_from_adaptation(gen, batch.latent))
+        u = self.encoder(w)
+        v = F.normalize(batch.question, dim=-1)
+        loss = contrastive_loss(u, v, self.encoder.scale)
+        with torch.no_grad():
+            acc = ((u @ v.T).argmax(1) == torch.arange(len(u), device=u.device)).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/batch_retrieval_acc", 100 * acc, batch_size=len(batch))
+        self.log("train/scale", self.encoder.scale, batch_size=len(batch))
+        return loss
+
+    def configure_optimizers(self):
+        return self.optimizer_factory([p for p in self.encoder.parameters() if p.requires_grad])
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    def retrieval_hits(self, batch: TaskBatch, candidates: Tensor) -> Tensor:
+        """Per task: 1 if its support-adapted weights score its own question highest among ``way``
+        candidates (its own + random others from ``candidates`` [N, d_q]), else 0."""
+        gen, way = self.generator, self.hparams.retrieval_way
+        z = support_latents(gen, batch)
+        with torch.no_grad():
+            u = self.encoder(gen.weights(z))
+            g = torch.Generator().manual_seed(self.hparams.eval_seed)
+            hits = []
+            for b in range(len(batch)):
+                own = F.normalize(batch.question[b], dim=-1)
+                others = F.normalize(candidates, dim=-1)
+                others = others[(others - own).abs().sum(-1) > 1e-6]  # drop the task's own question
+                pick = torch.randperm(len(others), generator=g)[: way - 1].to(others.device)
+                scores = torch.cat([(u[b] * own).sum(-1, keepdim=True), others[pick] @ u[b]])
+                hits.append(float(scores.argmax() == 0))
+        return torch.tensor(hits, device=batch.device)
+
+    def _candidates(self) -> Tensor:
+        dm = self.trainer.datamodule
+        return dm.bank(self.device).questions
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        gen = self.generator
+        with grad_enabled(batch) as b:
+            z = self.guided_latents(b.task, b.question)
+            values = {
+                "acc_zero_shot": query_accuracy(gen, z, b),
+                "acc_start": query_accuracy(gen, gen.init_latents(b.task).detach(), b),
+                "retrieval_acc": 100 * self.retrieval_hits(b, self._candidates()),
+            }
+        for key, v in values.items():
+            self.val_metrics[key].update(v)
+            self.log(f"val/{key}", self.val_metrics[key], batch_size=len(batch))
+        self.log("val/acc", self.val_metrics["acc_zero_shot"], prog_bar=True, batch_size=len(batch))
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        gen = self.generator
+        with grad_enabled(batch) as b:
+            for control in self.hparams.controls:
+                z = self.guided_latents(b.task, control_questions(b, control))
+                shots = None if control == "aligned" else [0]  # few-shot only for the real description
+                res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=shots)
+                self.collector.add(self.method, batch.task, res["model"], control=control)
+                if control == "aligned":
+                    self.collector.add("chance", batch.task, res["chance"])
+                    self.collector.add("majority", batch.task, res["majority"])
+            hits = self.retrieval_hits(b, self._candidates())
+        self.retrieval["hits"] += hits.sum().item()
+        self.retrieval["n"] += len(hits)
+
+    def on_test_epoch_end(self) -> None:
+        if self.retrieval["n"]:
+            self.log("test/retrieval_acc", 100 * self.retrieval["hits"] / self.retrieval["n"])
+        self.retrieval = {"hits": 0.0, "n": 0}
+        finish_test(self, self.collector, self.hparams.results_dir, f"HyperCLIP ({self.method})")

@@ -1,0 +1,221 @@
+"""HyperCLIP and HyperLDM through the CLI on the synthetic chain (tiny configs), plus their pieces."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from meta_vqa.cli import main
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.diffusion.guidance import optimize_latents
+from meta_vqa.stages.generator import control_questions
+from meta_vqa.stages.hyperldm import HyperLDMStage
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPT = str(REPO / "conf" / "smoke" / "adapt.yaml")
+HYPERCLIP = str(REPO / "conf" / "smoke" / "hyperclip.yaml")
+HYPERLDM = str(REPO / "conf" / "smoke" / "hyperldm.yaml")
+
+
+def _records(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())
+
+
+def _acc(records, method, shots=0, **extra):
+    rows = [
+        r
+        for r in records
+        if r["method"] == method and r["shots"] == shots and all(r.get(k) == v for k, v in extra.items())
+    ]
+    assert len(rows) == 1, (method, shots, extra, rows)
+    return rows[0]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def guided(smoke_hnet, tmp_path_factory):
+    """hnet (session fixture) → adaptation dataset → HyperCLIP → HyperLDM with combined guidance."""
+    work = tmp_path_factory.mktemp("guided")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        root, hnet = str(smoke_hnet["root"]), work / "hnet.ckpt"
+        shutil.copy(smoke_hnet["ckpt"], hnet)
+        common = ["--data.root", root, "--trainer.enable_progress_bar", "false"]
+        assert (
+            main(
+                [
+                    "predict",
+                    "-c",
+                    ADAPT,
+                    "--ckpt_path",
+                    str(hnet),
+                    *common[:2],
+                    "--trainer.callbacks.init_args.out",
+                    str(work / "adaptation"),
+                ]
+            )
+            == 0
+        )
+        up = ["--model.init_args.upstream_ckpt", str(hnet), "--data.adaptation", str(work / "adaptation")]
+        assert (
+            main(
+                [
+                    "fit",
+                    "-c",
+                    HYPERCLIP,
+                    *common,
+                    *up,
+                    "--test_after_fit",
+                    "true",
+                    "--model.init_args.results_dir",
+                    str(work / "hyperclip"),
+                ]
+            )
+            == 0
+        )
+        clip_ckpt = next((work / "lightning_logs" / "hyperclip").rglob("best-*.ckpt"))
+        assert (
+            main(
+                [
+                    "fit",
+                    "-c",
+                    HYPERLDM,
+                    *common,
+                    *up,
+                    "--test_after_fit",
+                    "true",
+                    "--model.init_args.hyperclip_ckpt",
+                    str(clip_ckpt),
+                    "--model.init_args.classifier_scales",
+                    "[0.0, 2.0]",
+                    "--model.init_args.results_dir",
+                    str(work / "hyperldm"),
+                ]
+            )
+            == 0
+        )
+        ldm_ckpt = next((work / "lightning_logs" / "hyperldm").rglob("final-*.ckpt"))
+    finally:
+        os.chdir(cwd)
+    return {
+        "work": work,
+        "root": root,
+        "hnet": hnet,
+        "clip_ckpt": clip_ckpt,
+        "ldm_ckpt": ldm_ckpt,
+        "hyperclip": _records(work / "hyperclip"),
+        "hyperldm": _records(work / "hyperldm"),
+    }
+
+
+def test_hyperclip_records_controls_and_beats_chance(guided):
+    recs = guided["hyperclip"]
+    chance = _acc(recs, "chance")
+    assert {r["control"] for r in recs if r["method"] == "hnet_hyperclip"} == {"aligned", "shuffled", "empty"}
+    assert _acc(recs, "hnet_hyperclip", control="aligned") > chance + 10
+    assert _acc(recs, "hnet_hyperclip", "full", control="aligned") > chance + 10
+    # the description matters: another task's question guides worse than the task's own
+    assert _acc(recs, "hnet_hyperclip", control="aligned") > _acc(recs, "hnet_hyperclip", control="shuffled")
+
+
+def test_hyperldm_sweeps_gamma_and_combined_scale_zero_is_plain_cfg(guided):
+    recs = guided["hyperldm"]
+    gammas = {r["gamma"] for r in recs if r["method"] == "hnet_hyperldm" and r["control"] == "aligned"}
+    assert gammas == {0.0, 1.0, 2.0}
+    for shots in (0, "full"):
+        assert _acc(recs, "hnet_combined", shots, gamma=1.0, classifier_scale=0.0) == _acc(
+            recs, "hnet_hyperldm", shots, gamma=1.0, control="aligned"
+        )
+    # the empty description is the null condition, which γ = 0 samples too (same noise)
+    assert _acc(recs, "hnet_hyperldm", gamma=1.0, control="empty") == _acc(
+        recs, "hnet_hyperldm", gamma=0.0, control="aligned"
+    )
+    for r in recs:
+        assert 0 <= r["accuracy"] <= 100 and r["n_tasks"] > 0
+
+
+def test_hyperldm_checkpoint_is_self_contained(guided, tmp_path):
+    """Restoring needs neither the generator's nor the HyperCLIP's file, and samples identically."""
+    ckpt = tmp_path / "ldm.ckpt"
+    shutil.copy(guided["ldm_ckpt"], ckpt)
+    model = HyperLDMStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    q = torch.randn(3, model.hparams.question_dim)
+    a = model.sample_latents(q, 2.0, seed=5, sampler="ddim", steps=10, classifier_scale=1.0)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in (guided["hnet"], guided["clip_ckpt"]):
+        shutil.move(str(f), moved / Path(f).name)
+    try:
+        again = HyperLDMStage.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        b = again.sample_latents(q, 2.0, seed=5, sampler="ddim", steps=10, classifier_scale=1.0)
+    finally:
+        for f in (guided["hnet"], guided["clip_ckpt"]):
+            shutil.move(str(moved / Path(f).name), f)
+    assert torch.equal(a, b)
+    assert bool(again.stats_ready) and again.latent_std.min() > 0
+
+
+def test_latent_statistics_are_those_of_the_adaptation_latents(guided):
+    from meta_vqa.data.latents import AdaptationData
+
+    model = HyperLDMStage.load_from_checkpoint(guided["ldm_ckpt"], map_location="cpu", weights_only=True)
+    lat = AdaptationData.load(guided["work"] / "adaptation").tensors["latents"].flatten(0, 1)
+    torch.testing.assert_close(model.latent_mean, lat.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.latent_std, lat.std(0), rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_free_training_drops_about_p_of_the_conditions(guided, monkeypatch):
+    model = HyperLDMStage.load_from_checkpoint(guided["ldm_ckpt"], map_location="cpu", weights_only=True)
+    seen = []
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    original = model.denoiser.forward
+    monkeypatch.setattr(model.denoiser, "forward", lambda x, t, c: seen.append(c) or original(x, t, c))
+    from meta_vqa.data.latents import LatentBatch
+
+    torch.manual_seed(0)
+    d = model.generator.latent_dim
+    for _ in range(50):
+        q = torch.randn(40, model.hparams.question_dim) + 3
+        model.training_step(LatentBatch(torch.randn(40, d), torch.arange(40), q, 0), 0)
+    nulls = torch.cat([(c == 0).all(-1) for c in seen]).float().mean().item()
+    assert abs(nulls - 0.2) < 0.03  # Bernoulli(0.2), not a fixed count per batch
+
+
+def _batch(B=4, dq=3):
+    z = torch.zeros(B, 1)
+    return TaskBatch(
+        task=torch.arange(B),
+        question=torch.arange(B * dq, dtype=torch.float).view(B, dq),
+        answers=z,
+        answer_mask=z.bool(),
+        support_x=z,
+        support_y=z.long(),
+        support_mask=z.bool(),
+        query_x=z,
+        query_y=z.long(),
+        query_mask=z.bool(),
+    )
+
+
+def test_control_descriptions():
+    b = _batch()
+    assert torch.equal(control_questions(b, "aligned"), b.question)
+    assert torch.equal(control_questions(b, "shuffled")[1], b.question[0])
+    assert not (control_questions(b, "shuffled") == b.question).all(-1).any()
+    assert (control_questions(b, "empty") == 0).all()
+
+
+def test_guidance_by_optimisation_is_independent_per_task():
+    target = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    score = lambda z: -((z - target) ** 2).sum(-1)  # noqa: E731
+    z = optimize_latents(torch.zeros(2, 2), score, steps=400, lr=0.05)
+    torch.testing.assert_close(z, target, rtol=0, atol=0.05)
+    one = optimize_latents(torch.zeros(1, 2), lambda z: -((z - target[1:]) ** 2).sum(-1), steps=37, lr=0.05)
+    both = optimize_latents(torch.zeros(2, 2), score, steps=37, lr=0.05)
+    torch.testing.assert_close(both[1:], one)  # batching tasks changes nothing
+    # the prior term keeps the latent near its start
+    held = optimize_latents(torch.zeros(2, 2), score, steps=400, lr=0.05, prior_weight=10.0)
+    assert (held.norm(dim=-1) < z.norm(dim=-1)).all()
