@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningModule
@@ -9,6 +11,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.errors import ConfigError
+
+
+_MODEL_ARG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)")
 
 
 class MetaVQACLI(LightningCLI):
@@ -31,6 +36,25 @@ class MetaVQACLI(LightningCLI):
         kwargs.setdefault("parser_mode", "omegaconf")
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # remember which model arguments were typed on the command line (see _parse_ckpt_path)
+        argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        self._cli_model_keys = {m.group(1) for a in argv if (m := _MODEL_ARG.match(str(a)))}
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the checkpoint's hyperparameters replace the config file's, but not the
+        model arguments given explicitly on the command line (e.g. ``--model.init_args.results_dir``)."""
+        sub = self.config.get("subcommand")
+        keys = getattr(self, "_cli_model_keys", set())
+        init = self.config[sub].model.get("init_args") if sub else None
+        kept = {k: init[k] for k in keys if init is not None and k in init}
+        super()._parse_ckpt_path()
+        if kept:
+            init = self.config[sub].model.init_args
+            for k, v in kept.items():
+                init[k] = v
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # sizes that follow from the dataset are linked, never typed twice in YAML

@@ -167,3 +167,19 @@ def test_ddp_spawn_test_matches_a_single_process(synthetic_root, tmp_path, monke
     assert len(one) == len(two)
     for a, b in zip(one, two):
         assert a["n_tasks"] == b["n_tasks"] and abs(a["accuracy"] - b["accuracy"]) < 1e-6, (a, b)
+
+
+def test_command_line_model_arguments_win_over_the_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    # `test --ckpt_path X` takes the model's hyperparameters from X, except those typed on the command line
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", SMOKE, "--data.root", str(synthetic_root), "--trainer.enable_progress_bar", "false"]
+    first = tmp_path / "first"
+    fit = ["fit", *base, "--model.init_args.variant", "mnet_maml", "--trainer.max_steps", "4"]
+    assert main([*fit, "--model.init_args.results_dir", str(first)]) == 0
+    ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
+    second = tmp_path / "second"
+    args = ["test", *base, "--ckpt_path", str(ckpt), "--model.init_args.results_dir", str(second)]
+    assert main([*args, "--model.init_args.max_shots", "1"]) == 0
+    records = json.loads((second / "results.json").read_text())
+    assert {r["shots"] for r in records if r["method"] == "mnet_maml"} == {0, "full", 1}
+    assert not (first / "results.json").exists()  # fit without --test_after_fit wrote nothing there
