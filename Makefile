@@ -20,22 +20,11 @@ $(STAMP): pyproject.toml
 
 DATA ?= data/easy_vqa
 RUNS ?= runs/easy_vqa
-MV := $(BIN)/meta-vqa
-BASE_VARIANTS := uncond_multitask cond_multitask cond_multitask_film mnet_maml
 
-# prepare Meta-EasyVQA, then train and test every base-model variant for SEEDS seeds, then the table
+# prepare Meta-EasyVQA, then for each of SEEDS seeds: the base variants, hnet, adaptation dataset, hvae,
+# hyperclip, hyperldm (each tested on the meta-test tasks), then the report (runs/easy_vqa/report)
 run: $(STAMP)
-	$(MV) prepare easy-vqa --out $(DATA)
-	set -e; for seed in $$(seq 0 $$(( $(SEEDS) - 1 ))); do \
-	  $(MV) test -c conf/easy_vqa/base.yaml --data.root $(DATA) --seed_everything $$seed \
-	    --model.init_args.variant clip_zero_shot --model.init_args.results_dir $(RUNS)/base/clip_zero_shot/seed$$seed; \
-	  for v in $(BASE_VARIANTS); do \
-	    $(MV) fit -c conf/easy_vqa/base.yaml --data.root $(DATA) --seed_everything $$seed --test_after_fit true \
-	      --model.init_args.variant $$v --model.init_args.results_dir $(RUNS)/base/$$v/seed$$seed \
-	      --trainer.logger.init_args.name base_$$v; \
-	  done; \
-	done
-	$(MV) report $(RUNS) --out $(RUNS)/report
+	DATA=$(DATA) RUNS=$(RUNS) MV=$(BIN)/meta-vqa scripts/run_easy_vqa.sh $(SEEDS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -34,7 +34,7 @@ verbs:
   test      -c CONFIG.yaml        zero-/few-shot evaluation on the meta-test tasks; writes results.json/.md
   predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
   report    PATH... [--out DIR]   aggregate results.json files under PATHs into one table
-  bench     maml|hnet [--json]    batched vs per-task loop throughput, measured in one run
+  bench     maml|hnet|sample [--json]  batched vs per-task throughput; DDPM vs DDIM/DPM sampling
   pipeline                        the whole chain in one command (not yet available)
   generate                        weights for a new task description (not yet available)
 

@@ -12,7 +12,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.errors import ConfigError
 
-
 _MODEL_ARG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)")
 
 

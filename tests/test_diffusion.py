@@ -144,6 +144,24 @@ def test_denoiser_has_the_papers_parameter_count_and_embedding():
     assert abs(emb[0, 50].item() - math.sin(3.0)) < 1e-6 and abs(emb[0, 51].item() - math.sin(3 * f1)) < 1e-6
 
 
+def test_standardized_condition_and_learned_null_embedding():
+    torch.manual_seed(0)
+    m = LatentDenoiser(latent_dim=3, cond_dim=4, time_dim=6, width=8, standardize_condition=True)
+    questions = torch.randn(20, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 5.0
+    m.set_condition_stats(questions)
+    q = questions[:3]
+    torch.testing.assert_close(m.condition(q), (q - questions.mean(0)) / questions.std(0))
+    with torch.no_grad():
+        m.null_cond.copy_(torch.tensor([1.0, -1.0, 2.0, 0.0]))
+    cond = torch.cat([q[:1], torch.zeros(1, 4)])  # the zero vector is the null condition
+    torch.testing.assert_close(m.condition(cond)[1], m.null_cond.detach())
+    # the null embedding is learned: gradients reach it through the null rows only
+    m(torch.randn(2, 3), torch.tensor([5, 7]), cond).sum().backward()
+    assert m.null_cond.grad is not None and m.null_cond.grad.abs().sum() > 0
+    # off (the default, the authors'): the raw embedding, and no extra parameters
+    assert LatentDenoiser(3, 4, 6, 8).condition(q) is q
+
+
 def test_contrastive_loss_equals_a_hand_computation():
     u = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
     v = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0]]), dim=-1)

@@ -157,7 +157,10 @@ def test_hypernetwork_init_follows_the_authors():
 
 
 @pytest.mark.parametrize("dataset", ["smoke", "easy_vqa", "meta_vqa"])
-@pytest.mark.parametrize("stage, verb", [("hnet", "fit"), ("adapt", "predict"), ("hvae", "fit")])
+@pytest.mark.parametrize(
+    "stage, verb",
+    [("hnet", "fit"), ("adapt", "predict"), ("hvae", "fit"), ("hyperclip", "fit"), ("hyperldm", "fit")],
+)
 def test_configs_parse(dataset, stage, verb, capsys):
     from pathlib import Path
 

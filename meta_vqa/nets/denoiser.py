@@ -20,7 +20,12 @@ class LatentDenoiser(nn.Module):
     """MLP on ``[x_t, c, emb(t)]``: (Linear, LayerNorm, ReLU) × depth, then Linear to the latent size.
 
     With latent 128, condition 768, time 100, width 128 and depth 2 it has the authors' 161,152 parameters.
-    The condition is the raw question embedding; the null condition is the zero vector.
+    The condition is the question embedding; the null condition is the zero vector. By default (the
+    authors') the embedding goes in raw. With ``standardize_condition`` it is standardised per dimension
+    with statistics of the training questions (buffers, set by :meth:`set_condition_stats`) and the null
+    condition is replaced by a learned embedding: sentence embeddings share a large common direction
+    (on Meta-EasyVQA the mean has norm ~4 of ~6 and each dimension varies by ~0.2), which leaves the raw
+    question almost constant next to x_t and makes the network slow to pick it up.
     """
 
     def __init__(
@@ -30,9 +35,15 @@ class LatentDenoiser(nn.Module):
         time_dim: int = 100,
         width: int = 128,
         depth: int = 2,
+        standardize_condition: bool = False,
     ):
         super().__init__()
         self.time_dim = time_dim
+        self.standardize_condition = standardize_condition
+        if standardize_condition:
+            self.register_buffer("cond_mean", torch.zeros(cond_dim))
+            self.register_buffer("cond_std", torch.ones(cond_dim))
+            self.null_cond = nn.Parameter(torch.zeros(cond_dim))
         layers: list[nn.Module] = []
         d = latent_dim + cond_dim + time_dim
         for _ in range(depth):
@@ -41,6 +52,19 @@ class LatentDenoiser(nn.Module):
         layers.append(nn.Linear(d, latent_dim))
         self.net = nn.Sequential(*layers)
 
+    @torch.no_grad()
+    def set_condition_stats(self, questions: Tensor) -> None:
+        """Per-dimension mean and std of the training questions ``[N, cond_dim]``."""
+        if self.standardize_condition:
+            self.cond_mean.copy_(questions.mean(0))
+            self.cond_std.copy_(questions.std(0).clamp(min=1e-6))
+
+    def condition(self, cond: Tensor) -> Tensor:
+        if not self.standardize_condition:
+            return cond
+        null = (cond == 0).all(dim=-1, keepdim=True)
+        return torch.where(null, self.null_cond.to(cond.dtype), (cond - self.cond_mean) / self.cond_std)
+
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         emb = sinusoidal_embedding(t, self.time_dim).to(x.dtype)
-        return self.net(torch.cat([x, cond.to(x.dtype), emb], dim=-1))
+        return self.net(torch.cat([x, self.condition(cond).to(x.dtype), emb], dim=-1))

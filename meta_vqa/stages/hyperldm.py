@@ -58,6 +58,8 @@ class HyperLDMStage(L.LightningModule):
         hyperclip: its record kept in this stage's checkpoint (leave unset).
         feature_dim, question_dim: linked from the data.
         width, depth, time_dim: the denoiser MLP (128, 2, 100: the authors' 161k parameters).
+        standardize_condition: standardise the question embedding with training statistics and learn
+            the null embedding (off = the authors' raw embedding; see :class:`LatentDenoiser`).
         timesteps, schedule: T and the noise schedule (1000, cosine).
         p_uncond: probability of the null condition in training (0.2).
         sampler, sample_steps: the test sampler (``ddpm`` with 1000 steps = the paper; ``ddim``/``dpm``).
@@ -81,6 +83,7 @@ class HyperLDMStage(L.LightningModule):
         width: int = 128,
         depth: int = 2,
         time_dim: int = 100,
+        standardize_condition: bool = False,
         timesteps: int = 1000,
         schedule: Schedule = "cosine",
         p_uncond: float = 0.2,
@@ -120,7 +123,7 @@ class HyperLDMStage(L.LightningModule):
         elif classifier_scales:
             raise ConfigError("model.classifier_scales: combined guidance needs model.hyperclip_ckpt")
         d = gen.latent_dim
-        self.denoiser = LatentDenoiser(d, question_dim, time_dim, width, depth)
+        self.denoiser = LatentDenoiser(d, question_dim, time_dim, width, depth, standardize_condition)
         self.register_buffer("alpha_bar", alphas_cumprod(timesteps, schedule).float(), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(d))
         self.register_buffer("latent_std", torch.ones(d))
@@ -151,6 +154,7 @@ class HyperLDMStage(L.LightningModule):
         x = torch.cat([latents_from_adaptation(gen, chunk) for chunk in lat.split(4096)])
         self.latent_mean.copy_(x.mean(0))
         self.latent_std.copy_(x.std(0).clamp(min=1e-6))
+        self.denoiser.set_condition_stats(data.tensors["questions"].to(self.device).float())
         self.stats_ready.fill_(True)
 
     def standardize(self, z: Tensor) -> Tensor:
