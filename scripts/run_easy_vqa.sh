@@ -10,7 +10,7 @@ DATA=${DATA:-data/easy_vqa}
 RUNS=${RUNS:-runs/easy_vqa}
 MV=${MV:-meta-vqa}
 STAGES=${STAGES:-"base hnet adapt hvae hyperclip hyperldm"}
-CLASSIFIER_SCALES=${CLASSIFIER_SCALES:-"[1.0]"}
+CLASSIFIER_SCALES=${CLASSIFIER_SCALES:-"[1.0, 10.0]"}
 COMMON=(--data.root "$DATA" --trainer.enable_progress_bar false)
 
 timed() {  # timed NAME CMD...: run CMD, print its wall time

@@ -183,3 +183,15 @@ def test_weight_encoder_scale_is_fixed_unless_learned():
     assert WeightEncoder(10, 4, learn_scale=True).log_scale.requires_grad
     out = enc(torch.randn(3, 10))
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_clip_x0_bounds_the_x0_estimate():
+    # ε̂ = 0 makes x̂0 = x_t / √ᾱ_t, huge at large t; DDIM's last step returns x̂0 itself
+    zero = lambda x, t: torch.zeros_like(x)
+    g = torch.Generator().manual_seed(0)
+    free = sample(zero, (4, 3), "ddim", 10, g)
+    g = torch.Generator().manual_seed(0)
+    clipped = sample(zero, (4, 3), "ddim", 10, g, clip_x0=2.0)
+    assert free.abs().max() > 2.0 and clipped.abs().max() <= 2.0 + 1e-6
+    with pytest.raises(ValueError, match="dpm"):
+        make_scheduler("dpm", clip_x0=1.0)

@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--dpm-steps", type=int, default=20)
+    p.add_argument(
+        "--clip-x0",
+        type=float,
+        default=None,
+        help="clamp x0 estimates of DDPM and DDIM (default: the model's)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -57,7 +63,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for kind, steps in runs.items():
 
         def go(kind=kind, steps=steps):
-            latents[kind] = model.sample_latents(batch.question, args.gamma, args.seed, kind, steps)
+            latents[kind] = model.sample_latents(
+                batch.question, args.gamma, args.seed, kind, steps, clip_x0=args.clip_x0
+            )
 
         seconds[kind] = timed(go, device, args.repeats)
     acc = {k: query_accuracy(model.generator, z, batch).mean().item() for k, z in latents.items()}
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "ckpt": str(args.ckpt),
         "repeats": args.repeats,
         "method": model.method,
+        "clip_x0": args.clip_x0 if args.clip_x0 is not None else model.hparams.get("clip_x0"),
     }
     out = []
     for kind in ("ddim", "dpm"):

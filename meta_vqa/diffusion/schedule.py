@@ -21,8 +21,20 @@ EpsFn = Callable[[Tensor, Tensor], Tensor]
 _BETA = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 
 
-def make_scheduler(kind: Sampler = "ddpm", num_train_timesteps: int = 1000, schedule: Schedule = "cosine"):
-    """A diffusers scheduler for ε-prediction on unbounded latents."""
+def make_scheduler(
+    kind: Sampler = "ddpm",
+    num_train_timesteps: int = 1000,
+    schedule: Schedule = "cosine",
+    clip_x0: float | None = None,
+):
+    """A diffusers scheduler for ε-prediction on unbounded latents.
+
+    ``clip_x0`` (DDPM, DDIM): clamp each step's x̂0 estimate to [−clip_x0, clip_x0] (standardised latents,
+    so a few units). Off by default, as the paper. With the cosine schedule the first DDPM step divides by
+    √α_{T−1} = √0.001, so a 7 % error of ε̂ there throws x_{T−2} out of the training distribution and the
+    chain diverges; the clamp bounds that step.
+    """
+    clip = {"clip_sample": clip_x0 is not None, "clip_sample_range": float(clip_x0 or 1.0)}
     common = {
         "num_train_timesteps": num_train_timesteps,
         "beta_schedule": _BETA[schedule],
@@ -31,13 +43,15 @@ def make_scheduler(kind: Sampler = "ddpm", num_train_timesteps: int = 1000, sche
         "prediction_type": "epsilon",
     }
     if kind == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
+        return DDPMScheduler(**common, **clip, variance_type="fixed_small")
     # Few-step samplers use "leading" spacing (t = T - T/k, ..., 0): with the cosine schedule ᾱ_{T-1} is
     # ~2e-9 (β clipped at 0.999), so a first step at t = T-1 divides the x0 estimate by √ᾱ ≈ 5e-5 and
     # magnifies any error of ε̂ ~10^4-fold; at t = T - T/k the signal is still only ~3 % of x_t.
     if kind == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+        return DDIMScheduler(**common, **clip, set_alpha_to_one=True, timestep_spacing="leading")
     if kind == "dpm":
+        if clip_x0 is not None:
+            raise ValueError("clip_x0 applies to the ddpm and ddim samplers, not dpm")
         return DPMSolverMultistepScheduler(
             **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading"
         )
@@ -66,13 +80,14 @@ def sample(
     num_train_timesteps: int = 1000,
     schedule: Schedule = "cosine",
     progress: bool = False,
+    clip_x0: float | None = None,
 ) -> Tensor:
     """Reverse-process sampling of ``shape`` from N(0, I) with ``steps`` steps of the chosen sampler.
 
     ``eps_fn(x_t, t)`` predicts the noise; ``t`` is a scalar long tensor. The whole batch (e.g. every
     test task) is sampled at once.
     """
-    sched = make_scheduler(kind, num_train_timesteps, schedule)
+    sched = make_scheduler(kind, num_train_timesteps, schedule, clip_x0)
     sched.set_timesteps(steps, device=device)
     x = torch.randn(shape, generator=generator, device=device) * sched.init_noise_sigma
     timesteps = sched.timesteps

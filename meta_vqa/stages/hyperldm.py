@@ -63,6 +63,7 @@ class HyperLDMStage(L.LightningModule):
         timesteps, schedule: T and the noise schedule (1000, cosine).
         p_uncond: probability of the null condition in training (0.2).
         sampler, sample_steps: the test sampler (``ddpm`` with 1000 steps = the paper; ``ddim``/``dpm``).
+        clip_x0: clamp x̂0 to ±clip_x0 in DDPM/DDIM steps (None = off, the paper; see ``make_scheduler``).
         gammas: CFG scales of the test sweep; ``gamma`` is the main one (few-shot, controls, combined).
         classifier_scales: HyperCLIP scales of combined guidance (needs ``hyperclip_ckpt``).
         val_sampler, val_steps, val_gamma: the cheaper sampling used for model selection.
@@ -89,6 +90,7 @@ class HyperLDMStage(L.LightningModule):
         p_uncond: float = 0.2,
         sampler: Sampler = "ddpm",
         sample_steps: int = 1000,
+        clip_x0: float | None = None,
         gamma: float = 1.0,
         gammas: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 4.0),
         classifier_scales: tuple[float, ...] = (),
@@ -193,22 +195,26 @@ class HyperLDMStage(L.LightningModule):
         steps: int | None = None,
         classifier_scale: float = 0.0,
         progress: bool = False,
+        clip_x0: float | None = None,
     ) -> Tensor:
         """Generator latents ``[B, d]`` for the questions ``[B, d_q]`` (one batch, every task at once)."""
         hp = self.hparams
+        kind = sampler or hp.sampler
+        clip_x0 = None if kind == "dpm" else clip_x0 if clip_x0 is not None else hp.get("clip_x0")
         g = torch.Generator(device=questions.device).manual_seed(seed)
         score = self.classifier_score(questions) if classifier_scale else None
         eps_fn = guided_eps_fn(self.denoiser, questions, gamma, self.alpha_bar, score, classifier_scale)
         x = sample(
             eps_fn,
             (questions.shape[0], self.generator.latent_dim),
-            sampler or hp.sampler,
+            kind,
             steps or hp.sample_steps,
             g,
             questions.device,
             hp.timesteps,
             hp.schedule,
             progress,
+            clip_x0,
         )
         return self.unstandardize(x)
 
