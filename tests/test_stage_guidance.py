@@ -219,3 +219,31 @@ def test_guidance_by_optimisation_is_independent_per_task():
     # the prior term keeps the latent near its start
     held = optimize_latents(torch.zeros(2, 2), score, steps=400, lr=0.05, prior_weight=10.0)
     assert (held.norm(dim=-1) < z.norm(dim=-1)).all()
+
+
+def test_bench_sample_reports_ratios_and_accuracies(guided, capsys):
+    args = [
+        "bench",
+        "sample",
+        "--json",
+        "--ckpt",
+        str(guided["ldm_ckpt"]),
+        "--data-root",
+        str(guided["root"]),
+    ]
+    assert main([*args, "--ddim-steps", "10", "--dpm-steps", "5", "--repeats", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by_name = {r["figure"]: r for r in rows}
+    assert set(by_name) == {
+        "ddim10_wall_time",
+        "ddim10_zero_shot_accuracy",
+        "dpm5_wall_time",
+        "dpm5_zero_shot_accuracy",
+    }
+    for r in rows:
+        assert set(r) == {"bench", "figure", "value", "unit", "baseline_value", "ratio", "device", "config"}
+        assert r["bench"] == "sample" and r["config"]["baseline"] == "ddpm-1000"
+    t = by_name["ddim10_wall_time"]
+    assert t["unit"] == "s" and t["ratio"] == pytest.approx(t["baseline_value"] / t["value"])
+    acc = by_name["dpm5_zero_shot_accuracy"]
+    assert acc["ratio"] is None and 0 <= acc["value"] <= 100 and 0 <= acc["baseline_value"] <= 100

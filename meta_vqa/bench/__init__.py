@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -49,6 +51,61 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of the code in a ``with`` block, in MiB (``.mib``; None where it cannot be measured).
+
+    CUDA: the allocator's peak (``max_memory_allocated``). CPU: the peak growth of the process's resident
+    set over its size at entry, sampled every ``interval`` s from /proc (Linux), so it counts what the
+    block allocates and frees again, up to the sampling granularity.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval, self.mib = device, interval, None
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes() or 0)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._peak = self._base or 0
+            if self._base is not None:
+                self._thread = threading.Thread(target=self._poll, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes() or 0)
+            self.mib = (self._peak - self._base) / 2**20
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA allocator peak"
+    return "peak growth of the process resident set during the timed calls (sampled every 2 ms)"
 
 
 def figure(

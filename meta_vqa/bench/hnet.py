@@ -7,7 +7,7 @@ Two figures, each measured against the straightforward per-task loop in the same
 * ``adapted_latents_per_s``: the adaptation dataset's inner loop (10 SGD steps from z0 on each task's
   data) through ``HNetStage.adapt_latents``, batched vs one task per call.
 
-On CUDA also the peak memory of each. Task sizes are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
+Also the peak memory of each side (CUDA allocator, or resident-set growth on CPU). Task sizes are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from meta_vqa.bench import figure, resolve_device, timed
+from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
 from meta_vqa.bench.maml import draw_sizes, make_batch
 from meta_vqa.meta.maml import InnerLoop
 from meta_vqa.stages.hnet import HNetStage
@@ -35,15 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per side (median reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--seed", type=int, default=0)
-
-
-def _peak(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -92,18 +83,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     z_b, z_l = adapt_batched(), adapt_per_task()
     latent_diff = ((z_b - z_l).abs().max() / z_l.abs().max().clamp(min=1e-12)).item()
 
-    _reset_peak(device)
-    t_b = timed(batched, device, args.repeats)
-    peak_b = _peak(device)
-    _reset_peak(device)
-    t_l = timed(per_task, device, args.repeats)
-    peak_l = _peak(device)
-    _reset_peak(device)
-    ta_b = timed(adapt_batched, device, args.repeats)
-    apeak_b = _peak(device)
-    _reset_peak(device)
-    ta_l = timed(adapt_per_task, device, args.repeats)
-    apeak_l = _peak(device)
+    # the per-task side first: on CPU the resident set, once grown, may not shrink again
+    with PeakMemory(device) as m_l:
+        t_l = timed(per_task, device, args.repeats)
+    with PeakMemory(device) as m_b:
+        t_b = timed(batched, device, args.repeats)
+    with PeakMemory(device) as am_l:
+        ta_l = timed(adapt_per_task, device, args.repeats)
+    with PeakMemory(device) as am_b:
+        ta_b = timed(adapt_batched, device, args.repeats)
 
     config = {
         "tasks": B,
@@ -124,8 +112,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         figure("hnet", "meta_train_tasks_per_s", B / t_b, "tasks/s", B / t_l, t_l / t_b, device, config),
         figure("hnet", "adapted_latents_per_s", B / ta_b, "latents/s", B / ta_l, ta_l / ta_b, device, config),
     ]
-    if device.type == "cuda":
-        small = {"tasks": B, "chunk_size": args.chunk_size}
-        out.append(figure("hnet", "peak_memory_meta_train", peak_b, "MiB", peak_l, None, device, small))
-        out.append(figure("hnet", "peak_memory_adaptation", apeak_b, "MiB", apeak_l, None, device, small))
+    if m_b.mib is not None:
+        small = {"tasks": B, "chunk_size": args.chunk_size, "measure": memory_note(device)}
+        out.append(figure("hnet", "peak_memory_meta_train", m_b.mib, "MiB", m_l.mib, None, device, small))
+        out.append(figure("hnet", "peak_memory_adaptation", am_b.mib, "MiB", am_l.mib, None, device, small))
     return out

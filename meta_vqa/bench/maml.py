@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from meta_vqa.bench import figure, resolve_device, timed
+from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.stages.base import BaseStage
 
@@ -102,14 +102,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     g_batched, g_loop = batched(), per_task()
     grad_diff = (g_batched - g_loop).abs().max().item() / max(g_loop.abs().max().item(), 1e-12)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_batched = timed(batched, device, args.repeats)
-    peak_batched = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_loop = timed(per_task, device, args.repeats)
-    peak_loop = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    with PeakMemory(device) as m_loop:  # the per-task side first (see PeakMemory on CPU)
+        t_loop = timed(per_task, device, args.repeats)
+    with PeakMemory(device) as m_batched:
+        t_batched = timed(batched, device, args.repeats)
+    peak_batched, peak_loop = m_batched.mib, m_loop.mib
     config = {
         "tasks": B,
         "inner_steps": args.steps,
@@ -143,7 +140,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 peak_loop,
                 None,
                 device,
-                {"tasks": B, "chunk_size": args.chunk_size},
+                {"tasks": B, "chunk_size": args.chunk_size, "measure": memory_note(device)},
             )
         )
     return out

@@ -15,13 +15,29 @@ import torch
 from torch import Tensor
 
 from meta_vqa.data.batch import TaskBatch
+from meta_vqa.errors import DataError
 from meta_vqa.meta.maml import InnerLoop, adapt
 from meta_vqa.nets.adapter import task_correct, task_losses
+from meta_vqa.stages.handoff import attach_upstream
 from meta_vqa.stages.hnet import HNetStage
 from meta_vqa.stages.hvae import HVAEStage
 
 GENERATORS = (HNetStage, HVAEStage)
 Kind = Literal["hnet", "hvae"]
+
+
+def attach_generator(stage, upstream_ckpt: str | None, upstream: dict | None, feature_dim: int):
+    """Attach the frozen generator (HNet-MAML or HVAE checkpoint) to a guidance ``stage`` as
+    ``stage.upstream``, record it in the stage's hyperparameters, and check its feature size."""
+    stage.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=GENERATORS)
+    stage.hparams["upstream"] = record
+    gen = stage.upstream.module
+    if gen.adapter.dim != feature_dim:
+        raise DataError(
+            f"{record.get('path')}: the generator was trained on {gen.adapter.dim}-d features, "
+            f"but the data has {feature_dim}-d features"
+        )
+    return gen
 
 
 def generator_kind(gen) -> Kind:

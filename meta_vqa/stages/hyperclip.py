@@ -26,20 +26,18 @@ from torchmetrics import MeanMetric
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.diffusion.guidance import optimize_latents
-from meta_vqa.errors import DataError
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.nets.weight_encoder import WeightEncoder, contrastive_loss
 from meta_vqa.stages.common import finish_test, grad_enabled
 from meta_vqa.stages.generator import (
-    GENERATORS,
+    attach_generator,
     control_questions,
     generator_kind,
     latents_from_adaptation,
     query_accuracy,
     support_latents,
 )
-from meta_vqa.stages.handoff import attach_upstream
 
 Control = Literal["aligned", "shuffled", "empty"]
 
@@ -88,14 +86,7 @@ class HyperCLIPStage(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=GENERATORS)
-        self.hparams["upstream"] = record
-        gen = self.generator
-        if gen.adapter.dim != feature_dim:
-            raise DataError(
-                f"{record.get('path')}: the generator was trained on {gen.adapter.dim}-d features, "
-                f"but the data has {feature_dim}-d features"
-            )
+        gen = attach_generator(self, upstream_ckpt, upstream, feature_dim)
         self.encoder = WeightEncoder(gen.adapter.num_params, question_dim, hidden, scale, learn_scale)
         self.method = f"{generator_kind(gen)}_hyperclip"
         self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)

@@ -36,7 +36,7 @@ from meta_vqa.eval.results import ResultCollector
 from meta_vqa.nets.denoiser import LatentDenoiser
 from meta_vqa.stages.common import finish_test, grad_enabled
 from meta_vqa.stages.generator import (
-    GENERATORS,
+    attach_generator,
     control_questions,
     generator_kind,
     latents_from_adaptation,
@@ -106,14 +106,7 @@ class HyperLDMStage(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=GENERATORS)
-        self.hparams["upstream"] = record
-        gen = self.generator
-        if gen.adapter.dim != feature_dim:
-            raise DataError(
-                f"{record.get('path')}: the generator was trained on {gen.adapter.dim}-d features, "
-                f"but the data has {feature_dim}-d features"
-            )
+        gen = attach_generator(self, upstream_ckpt, upstream, feature_dim)
         self.classifier = None
         if hyperclip_ckpt is not None or hyperclip is not None:
             self.classifier, rec = attach_upstream(

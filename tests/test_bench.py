@@ -1,0 +1,46 @@
+"""`meta-vqa bench maml|hnet` at toy sizes: the JSON contract and ratios consistent with the values."""
+
+import json
+
+import pytest
+
+from meta_vqa.cli import main
+
+TOY = [
+    "--json",
+    "--tasks",
+    "3",
+    "--steps",
+    "2",
+    "--dim",
+    "8",
+    "--hidden",
+    "4",
+    "--repeats",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def _rows(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    "name, extra", [("maml", []), ("hnet", ["--latent", "4", "--hnet-hidden", "8", "8"])]
+)
+def test_bench_prints_the_figure_contract(name, extra, capsys):
+    assert main(["bench", name, *TOY, *extra]) == 0
+    rows = _rows(capsys)
+    assert any(r["unit"] == "MiB" for r in rows) and any(r["unit"].endswith("/s") for r in rows)
+    for r in rows:
+        assert set(r) == {"bench", "figure", "value", "unit", "baseline_value", "ratio", "device", "config"}
+        assert r["bench"] == name
+        if r["unit"] == "MiB":  # peak memory (resident-set growth on CPU: may be 0 at toy sizes)
+            assert r["value"] >= 0 and r["baseline_value"] >= 0 and r["ratio"] is None
+            continue
+        assert r["value"] > 0 and r["baseline_value"] > 0
+        if r["ratio"] is not None:
+            # throughput: higher is better, so the ratio is ours over the baseline's
+            assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=1e-6)
