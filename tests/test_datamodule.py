@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.datamodule import MetaVQADataModule, validation_slice
 from meta_vqa.data.features import feature_dir, save_tensors, write_manifest
 from meta_vqa.data.tasks import load_tasks
@@ -55,11 +56,44 @@ def test_chunks_sort_by_size_and_trim_padding(synthetic_root):
     batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
     chunks = batch.chunks(2)
     assert sum(len(c) for c in chunks) == len(batch)
-    sizes = [c.support_mask.sum(1).tolist() for c in chunks]
+    sizes = [(c.support_mask.sum(1) + c.query_mask.sum(1)).tolist() for c in chunks]
     flat = [s for c in sizes for s in c]
     assert flat == sorted(flat)
     for c in chunks:
         assert c.support_x.shape[1] == int(c.support_mask.sum(1).max())
+
+
+def _sized_batch(sizes):
+    n, m = len(sizes), max(sizes)
+    mask = torch.arange(m).expand(n, m) < torch.tensor(sizes).unsqueeze(1)
+    z = torch.zeros(n, m)
+    return TaskBatch(
+        task=torch.arange(n),
+        question=torch.zeros(n, 2),
+        answers=torch.zeros(n, 2, 2),
+        answer_mask=torch.ones(n, 2, dtype=torch.bool),
+        support_x=z.long(),
+        support_y=z.long(),
+        support_mask=mask,
+        query_x=z[:, :1].long(),
+        query_y=z[:, :1].long(),
+        query_mask=torch.zeros(n, 1, dtype=torch.bool),
+    )
+
+
+def test_chunks_keep_long_tailed_tasks_from_padding_the_rest():
+    # a meta-batch shaped like Meta-VQA's: most tasks small, two 30x larger
+    sizes = [40, 20, 14, 13, 80, 142, 38, 55, 32, 180, 81, 12, 97, 14, 55, 18, 1184, 845]
+    chunks = _sized_batch(sizes).chunks(8)
+    assert sorted(t for c in chunks for t in c.task.tolist()) == list(range(len(sizes)))
+    padded = real = 0
+    for c in chunks:
+        n = c.support_mask.sum(1)
+        assert len(c) <= 8 and c.support_mask.shape[1] == int(n.max())
+        assert len(c) == 1 or len(c) * int(n.max()) <= 1.5 * int(n.sum())
+        padded, real = padded + c.support_mask.numel(), real + int(n.sum())
+    assert sorted(chunks[-1].support_mask.sum(1).tolist()) == [845, 1184]  # the large tasks run together
+    assert padded <= 1.5 * real  # count-only chunks of 8 would pad to 3x here
 
 
 def _copy(synthetic_root, tmp_path):

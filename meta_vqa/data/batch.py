@@ -132,12 +132,30 @@ class TaskBatch:
             query_mask=self.query_mask[:, :q],
         )
 
-    def chunks(self, size: int | None) -> list[TaskBatch]:
-        """Split into chunks of at most ``size`` tasks of similar support size (less padding per chunk)."""
-        if not size or size <= 0 or size >= len(self):
+    def chunks(self, size: int | None, max_padding: float = 1.5) -> list[TaskBatch]:
+        """Split into chunks of at most ``size`` tasks of similar size, each trimmed to its largest task.
+
+        Tasks are taken in order of size (support + query examples); a chunk is closed early when adding
+        the next task would make it hold more than ``max_padding`` times its real examples. Meta-VQA's
+        sizes are long-tailed (a few tasks have 30x the median), and count-only chunks padded every task
+        of the last chunk to the largest one: 3x the work of the real examples.
+        """
+        if not size or size <= 0 or len(self) <= 1:
             return [self.trim()]
-        order = self.support_mask.sum(1).argsort()
-        return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+        n = self.support_mask.sum(1) + self.query_mask.sum(1)
+        order = n.argsort(stable=True).tolist()
+        sizes = n.tolist()
+        groups: list[list[int]] = []
+        real = 0
+        for i in order:
+            g = groups[-1] if groups else None
+            if g is not None and len(g) < size and (len(g) + 1) * sizes[i] <= max_padding * (real + sizes[i]):
+                g.append(i)
+                real += sizes[i]
+            else:
+                groups.append([i])
+                real = sizes[i]
+        return [self.select(torch.tensor(g, device=self.support_mask.device)) for g in groups]
 
     def subsample(
         self, max_support: int | None, max_query: int | None, generator: torch.Generator | None = None
