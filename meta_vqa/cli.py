@@ -5,7 +5,8 @@ Verbs:
   fit|validate|test|predict  train / evaluate a stage from YAML (LightningCLI, omegaconf mode)
   report PATH...           aggregate results.json files into one table (mean ± std over seeds)
   bench NAME               measure a performance figure against the straightforward baseline
-  pipeline, generate       (not yet available)
+  generate                 adapter weights for a new task description (HyperLDM / HyperCLIP)
+  pipeline                 (not yet available)
 
 Bad input (a malformed file, an unknown key or value) is reported as one ``error:`` line with exit code 2.
 """
@@ -20,7 +21,7 @@ import sys
 from typing import Any
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
-LATER_VERBS = {"pipeline": "the pipeline issue", "generate": "the pipeline issue"}
+LATER_VERBS = {"pipeline": "the pipeline issue"}
 
 HELP = """usage: meta-vqa VERB [options]
 
@@ -35,8 +36,8 @@ verbs:
   predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
   report    PATH... [--out DIR]   aggregate results.json files under PATHs into one table
   bench     maml|hnet|sample [--json]  batched vs per-task throughput; DDPM vs DDIM/DPM sampling
+  generate  --run RUN --question Q --answers a,b [--image P ...]   adapter weights from a description
   pipeline                        the whole chain in one command (not yet available)
-  generate                        weights for a new task description (not yet available)
 
 `meta-vqa VERB --help` describes a verb's options. Logs go to lightning_logs/ (TensorBoard).
 """
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(rest)
         if verb == "bench":
             return run_bench(rest)
+        if verb == "generate":
+            from meta_vqa.generate import main as generate_main
+
+            return generate_main(rest)
         if verb in LATER_VERBS:
             return _error(f"`meta-vqa {verb}` is not yet available (arrives with {LATER_VERBS[verb]})")
         return _error(f"unknown verb {verb!r}; run `meta-vqa --help` for the list")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,76 @@ def test_bench_sample_reports_ratios_and_accuracies(guided, capsys):
     assert t["unit"] == "s" and t["ratio"] == pytest.approx(t["baseline_value"] / t["value"])
     acc = by_name["dpm5_zero_shot_accuracy"]
     assert acc["ratio"] is None and 0 <= acc["value"] <= 100 and 0 <= acc["baseline_value"] <= 100
+
+
+class _FakeClip(torch.nn.Module):
+    """A stand-in for the dataset's CLIP on the synthetic data: fixed random text/image features."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, dim)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def encode_text(self, tokens):
+        return self.proj(torch.nn.functional.one_hot(tokens % 64, 64).float().mean(1))
+
+    def encode_image(self, x):
+        return self.proj(x.flatten(1)[:, :64])
+
+
+def _fake_clip(dim):
+    from types import SimpleNamespace
+
+    model = _FakeClip(dim)
+    tokenizer = lambda texts: torch.tensor(
+        [[hash(w) % 997 for w in (t.split() + ["<pad>"] * 8)[:8]] for t in texts]
+    )
+    config = SimpleNamespace(image_size=8, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
+    return SimpleNamespace(model=model, tokenizer=tokenizer, config=config)
+
+
+def test_generate_writes_weights_with_metadata_and_answers_images(guided, tmp_path, monkeypatch, capsys):
+    clip_dir = Path(guided["root"]) / "clip"  # generate looks for the dataset's CLIP folder
+    created = not clip_dir.exists()
+    clip_dir.mkdir(exist_ok=True)
+    try:
+        _generate(images_dir=tmp_path, monkeypatch=monkeypatch, capsys=capsys, guided=guided)
+    finally:
+        if created:
+            clip_dir.rmdir()
+
+
+def _generate(images_dir, monkeypatch, capsys, guided):
+    from PIL import Image
+    from safetensors import safe_open
+
+    import meta_vqa.nets.clip as clip_module
+
+    tmp_path = images_dir
+    monkeypatch.setattr(clip_module, "load_clip", lambda r: _fake_clip(32))
+    images = []
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), color).save(images[-1])
+    out = tmp_path / "gen" / "w.safetensors"
+    args = ["generate", "--ckpt", str(guided["ldm_ckpt"]), "--question", "is it red?", "--answers", "yes,no"]
+    args += ["--prompt", "it is {}", "--out", str(out), "--image", *map(str, images)]
+    assert main([*args, "--method", "combined", "--samples", "4", "--rerank", "hyperclip"]) == 0
+    printed = capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        meta, w = f.metadata(), f.get_tensor("weights")
+    model = HyperLDMStage.load_from_checkpoint(guided["ldm_ckpt"], map_location="cpu", weights_only=True)
+    assert w.shape == (model.generator.adapter.num_params,) and torch.isfinite(w).all()
+    assert (
+        meta["question"] == "is it red?" and meta["answers"] == "yes,no" and meta["method"] == "hnet_combined"
+    )
+    assert meta["gamma"] == str(model.hparams.gamma) and meta["answer_template"] == "it is {}"
+    for img in images:
+        line = next(x for x in printed.splitlines() if x.startswith(str(img)))
+        probs = [float(v.rstrip("%")) for v in re.findall(r"[\d.]+%", line)]
+        assert len(probs) == 2 and abs(sum(probs) - 100) < 0.2
+    # bad input: one error line, exit 2
+    assert main([*args[:-3], "--answers", "yes"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path), "--question", "q", "--answers", "a,b"]) == 2
+    assert "hnet_hyperldm/best.ckpt" in capsys.readouterr().err

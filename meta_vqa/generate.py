@@ -1,0 +1,188 @@
+"""``meta-vqa generate``: the adapter weights of a new task from its description alone.
+
+The question (any wording) and its answers are encoded by the run's CLIP (the dataset's ``clip/``
+folder); a trained guidance stage turns the question into a generator latent — HyperLDM sampling with
+classifier-free guidance (``hyperldm``), plus the HyperCLIP gradient (``combined``), or HyperCLIP
+classifier guidance (``hyperclip``) — and the generator decodes it into adapter weights. With
+``--samples N --rerank hyperclip`` it draws N latents and keeps the one HyperCLIP scores highest.
+
+Writes a safetensors file (``weights`` [D], ``latent`` [d]; the question, answers, method, γ and the
+checkpoint in its metadata) and, given images, prints each image's answer probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from meta_vqa.errors import MetaVQAError
+
+METHODS = {"hyperldm": "hyperldm", "combined": "hyperldm", "hyperclip": "hyperclip"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meta-vqa generate", description="Adapter weights for a new task description."
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder of make run (runs/easy_vqa) or one of its seed folders")
+    src.add_argument("--ckpt", help="a HyperLDM or HyperCLIP checkpoint")
+    p.add_argument("--method", choices=sorted(METHODS), default="hyperldm")
+    p.add_argument("--generator", choices=["hnet", "hvae"], default="hnet", help="with --run (default hnet)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--answers", required=True, help="comma-separated, at least two")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="answer template with one {} (default: the dataset's rule for the question, else '{}')",
+    )
+    p.add_argument("--image", nargs="*", default=[], help="images to answer with the generated weights")
+    p.add_argument("--gamma", type=float, default=None, help="CFG scale (default: the checkpoint's)")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="HyperCLIP scale of `combined`")
+    p.add_argument("--samples", type=int, default=1, help="latents to draw (hyperldm, combined)")
+    p.add_argument("--rerank", choices=["hyperclip"], default=None, help="keep the best of --samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .safetensors (default: <run>/generated/<question>)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def resolve_checkpoint(run: str | Path, method: str, generator: str) -> Path:
+    """``<run>/[seedN/]<generator>_<stage>/best.ckpt`` (the first seed folder if there are several)."""
+    run = Path(run)
+    name = f"{generator}_{METHODS[method]}"
+    for base in [run, *sorted(run.glob("seed*"))]:
+        ckpt = base / name / "best.ckpt"
+        if ckpt.is_file():
+            return ckpt
+    raise MetaVQAError(f"{run}: no {name}/best.ckpt (train it with make run, or pass --ckpt)")
+
+
+def _answer_template(question: str, prompt: str | None) -> str:
+    if prompt is not None:
+        if prompt.count("{}") != 1:
+            raise MetaVQAError(f"--prompt {prompt!r}: needs exactly one {{}} for the answer")
+        return prompt
+    from meta_vqa.data.easy_vqa import prompt_template
+    from meta_vqa.errors import DataError
+
+    try:
+        return prompt_template(question)
+    except DataError:
+        return "{}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "task"
+
+
+def _load_stage(ckpt: Path, method: str, device: torch.device):
+    from meta_vqa.stages.hyperclip import HyperCLIPStage
+    from meta_vqa.stages.hyperldm import HyperLDMStage
+
+    cls = HyperLDMStage if METHODS[method] == "hyperldm" else HyperCLIPStage
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    path = state.get("hyper_parameters", {}).get("_class_path", "")
+    if path and not path.endswith(cls.__name__):
+        raise MetaVQAError(f"{ckpt}: a {path.rsplit('.', 1)[-1]} checkpoint, not a {cls.__name__} (--method)")
+    model = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
+    root = state.get("datamodule_hyper_parameters", {}).get("root")
+    return model, root
+
+
+def generate(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    answers = [a.strip() for a in args.answers.split(",") if a.strip()]
+    if len(answers) < 2:
+        raise MetaVQAError(f"--answers {args.answers!r}: give at least two, comma-separated")
+    if args.samples < 1:
+        raise MetaVQAError("--samples must be at least 1")
+    ckpt = Path(args.ckpt) if args.ckpt else resolve_checkpoint(args.run, args.method, args.generator)
+    if not ckpt.is_file():
+        raise MetaVQAError(f"{ckpt}: checkpoint not found")
+    model, root = _load_stage(ckpt, args.method, device)
+    if root is None or not (Path(root) / "clip").is_dir():
+        raise MetaVQAError(f"{ckpt}: its dataset's CLIP ({root}/clip) is not there to encode the question")
+
+    from meta_vqa.data.encode import encode_images, encode_texts, load_images
+    from meta_vqa.data.tasks import fill_prompt
+    from meta_vqa.nets.clip import load_clip
+
+    clip = load_clip(root)
+    clip.model.to(device)
+    template = _answer_template(args.question, args.prompt)
+    q = encode_texts(clip.model, clip.tokenizer, [args.question], progress=False).to(device)
+    prompts = [fill_prompt(template, a) for a in answers]
+    answer_feats = encode_texts(clip.model, clip.tokenizer, prompts, progress=False).to(device)
+
+    gen = model.generator
+    questions = q.expand(args.samples, -1)
+    gamma = args.gamma
+    with torch.enable_grad():
+        if METHODS[args.method] == "hyperldm":
+            gamma = model.hparams.gamma if gamma is None else gamma
+            scale = args.classifier_scale if args.method == "combined" else 0.0
+            if scale and model.classifier is None:
+                raise MetaVQAError(f"{ckpt}: combined guidance needs a HyperLDM trained with hyperclip_ckpt")
+            z = model.sample_latents(questions, gamma, args.seed, classifier_scale=scale)
+        else:
+            z = model.guided_latents(torch.zeros(args.samples, dtype=torch.long, device=device), questions)
+    with torch.no_grad():
+        w = gen.weights(z)
+        score = None
+        if args.rerank:
+            scorer = model if METHODS[args.method] == "hyperclip" else model.classifier
+            if scorer is None:
+                raise MetaVQAError(f"{ckpt}: --rerank hyperclip needs a HyperLDM trained with hyperclip_ckpt")
+            scorer = getattr(scorer, "module", scorer)
+            score = scorer.similarity(w, questions)
+            best = int(score.argmax())
+        else:
+            best = 0
+        w, z = w[best], z[best]
+
+    out = Path(args.out) if args.out else ckpt.parent.parent / "generated" / f"{_slug(args.question)}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "question": args.question,
+        "answers": ",".join(answers),
+        "answer_template": template,
+        "method": f"{type(gen).__name__.removesuffix('Stage').lower()}_{args.method}",
+        "gamma": "" if gamma is None else str(gamma),
+        "checkpoint": str(ckpt),
+        "seed": str(args.seed),
+        "samples": str(args.samples),
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({"weights": w.contiguous().cpu(), "latent": z.contiguous().cpu()}, str(tmp), metadata=meta)
+    tmp.replace(out)
+
+    result = {"out": str(out), "meta": meta, "images": {}}
+    if args.image:
+        paths = {str(p): p for p in args.image}
+        for p in paths:
+            if not Path(p).is_file():
+                raise MetaVQAError(f"--image {p}: no such file")
+        pixels = load_images(paths, clip.config.image_size, progress=False)
+        x = encode_images(clip.model, pixels, clip.config.image_mean, clip.config.image_std, progress=False)
+        with torch.no_grad():
+            logits = gen.adapter(w.unsqueeze(0), x.to(device).unsqueeze(0), answer_feats.unsqueeze(0))[0]
+        probs = logits.softmax(-1).cpu()
+        for p, row in zip(paths, probs):
+            result["images"][p] = {a: float(v) for a, v in zip(answers, row)}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    res = generate(args)
+    m = res["meta"]
+    print(f"{m['method']} weights for {m['question']!r} (γ={m['gamma'] or '-'}) -> {res['out']}")
+    for path, probs in res["images"].items():
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+        print(f"{path}: " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in ranked))
+    return 0
