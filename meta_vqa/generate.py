@@ -145,7 +145,11 @@ def generate(args: argparse.Namespace) -> dict:
             best = 0
         w, z = w[best], z[best]
 
-    out = Path(args.out) if args.out else ckpt.parent.parent / "generated" / f"{_slug(args.question)}.safetensors"
+    out = (
+        Path(args.out)
+        if args.out
+        else ckpt.parent.parent / "generated" / f"{_slug(args.question)}.safetensors"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "question": args.question,
