@@ -18,13 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-DATA ?= data/easy_vqa
 RUNS ?= runs/easy_vqa
 
-# prepare Meta-EasyVQA, then for each of SEEDS seeds: the base variants, hnet, adaptation dataset, hvae,
-# hyperclip, hyperldm (each tested on the meta-test tasks), then the report (runs/easy_vqa/report)
+# the pipeline on Meta-EasyVQA (conf/easy_vqa/pipeline.yaml): prepare, then for each of SEEDS seeds the base
+# variants, hnet, adaptation dataset, hvae, hyperclip, hyperldm (each tested on the meta-test tasks), then the
+# report ($(RUNS)/report), printed at the end. A re-run skips finished stages.
 run: $(STAMP)
-	DATA=$(DATA) RUNS=$(RUNS) MV=$(BIN)/meta-vqa scripts/run_easy_vqa.sh $(SEEDS)
+	$(BIN)/meta-vqa pipeline -c conf/easy_vqa/pipeline.yaml --seeds $(SEEDS) --out $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

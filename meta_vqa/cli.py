@@ -6,7 +6,7 @@ Verbs:
   report PATH...           aggregate results.json files into one table (mean ± std over seeds)
   bench NAME               measure a performance figure against the straightforward baseline
   generate                 adapter weights for a new task description (HyperLDM / HyperCLIP)
-  pipeline                 (not yet available)
+  pipeline                 the whole chain (prepare → every stage → report), resumable
 
 Bad input (a malformed file, an unknown key or value) is reported as one ``error:`` line with exit code 2.
 """
@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
-LATER_VERBS = {"pipeline": "the pipeline issue"}
 
 HELP = """usage: meta-vqa VERB [options]
 
@@ -29,15 +28,17 @@ Meta-learning via classifier(-free) diffusion guidance: generate task-specific n
 task description.
 
 verbs:
-  prepare easy-vqa [--out DIR]    build the embedded Meta-EasyVQA dataset (tasks, small CLIP, features)
+  prepare easy-vqa|synthetic [--out DIR]  build the embedded Meta-EasyVQA (or the tiny test) dataset
   fit       -c CONFIG.yaml        train a stage (LightningCLI; any config key can be overridden: --model.x v)
   validate  -c CONFIG.yaml        evaluate a stage on the validation tasks
   test      -c CONFIG.yaml        zero-/few-shot evaluation on the meta-test tasks; writes results.json/.md
   predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
-  report    PATH... [--out DIR]   aggregate results.json files under PATHs into one table
+  report    RUN [--out DIR]       tables over seeds and splits, claims, memorisation, plots (RUN/report)
   bench     maml|hnet|sample [--json]  batched vs per-task throughput; DDPM vs DDIM/DPM sampling
   generate  --run RUN --question Q --answers a,b [--image P ...]   adapter weights from a description
-  pipeline                        the whole chain in one command (not yet available)
+  pipeline  -c PIPELINE.yaml [--seeds N] [--out DIR] [--splits random family]
+                                  prepare → base → hnet → adaptation → hvae → hyperclip → hyperldm → report;
+                                  a re-run skips finished stages and resumes an interrupted one
 
 `meta-vqa VERB --help` describes a verb's options. Logs go to lightning_logs/ (TensorBoard).
 """
@@ -138,14 +139,16 @@ def _compact_argument_error(msg: str) -> str:
 
 def run_prepare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meta-vqa prepare", description="Build a dataset folder.")
-    p.add_argument("dataset", choices=["easy-vqa", "vqa-v2"], help="which dataset to build")
-    p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa)")
+    p.add_argument("dataset", choices=["easy-vqa", "synthetic", "vqa-v2"], help="which dataset to build")
+    p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa, data/synthetic)")
     p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
     p.add_argument("--clip-epochs", type=int, default=None, help="epochs of the small CLIP's image tower")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
     args = p.parse_args(argv)
     if args.dataset == "vqa-v2":
         return _error("prepare vqa-v2 is not yet available (needs VQA v2 and CLIP ViT-L/14@336px features)")
+    if args.dataset == "synthetic":
+        return _prepare_synthetic(args.out or "data/synthetic", args.seed, args.force)
     from meta_vqa.data.easy_vqa import prepare_easy_vqa
 
     kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
@@ -156,6 +159,27 @@ def run_prepare(argv: list[str]) -> int:
     return 0
 
 
+def _prepare_synthetic(out: str, seed: int, force: bool) -> int:
+    """The small synthetic dataset of the tests and conf/smoke (kept if already built)."""
+    from pathlib import Path
+
+    from meta_vqa.data.features import read_manifest
+
+    root = Path(out)
+    if (root / "dataset.json").is_file() and not force:
+        if read_manifest(root).get("builder") != "synthetic":
+            from meta_vqa.errors import DataError
+
+            raise DataError(f"{root / 'dataset.json'}: another dataset is there; choose another --out")
+        print(f"{root}: synthetic dataset already built (--force rebuilds it)")
+        return 0
+    from meta_vqa.data.synthetic import make_synthetic
+
+    make_synthetic(root, seed=0 if seed == 2021 else seed)
+    print(f"{root}: synthetic dataset built")
+    return 0
+
+
 def _print_prepare_summary(summary: dict) -> None:
     import json
 
@@ -163,17 +187,30 @@ def _print_prepare_summary(summary: dict) -> None:
 
 
 def run_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="meta-vqa report", description="Aggregate results.json files.")
-    p.add_argument("paths", nargs="+", help="results.json files or folders searched recursively")
-    p.add_argument("--out", default=None, help="write results.json/results.md of all records here")
-    p.add_argument("--title", default="Meta-EasyVQA meta-test results")
+    p = argparse.ArgumentParser(
+        prog="meta-vqa report",
+        description="The report of a run: results tables over seeds and splits, claims, memorisation, plots.",
+    )
+    p.add_argument(
+        "paths", nargs="+", help="a run folder (or results.json files / folders, searched recursively)"
+    )
+    p.add_argument("--out", default=None, help="report folder (default: RUN/report for one folder)")
+    p.add_argument("--title", default="Meta-VQA meta-test results")
+    p.add_argument(
+        "--data", default=None, help="dataset folder, for the question families of the latent plot"
+    )
+    p.add_argument("--no-plots", action="store_true", help="tables only")
     args = p.parse_args(argv)
     from meta_vqa.errors import MetaVQAError
+    from meta_vqa.eval.report import build_report
     from meta_vqa.eval.results import load_results, render_markdown, write_results
 
     missing = [x for x in args.paths if not os.path.exists(x)]
     if missing:
         raise MetaVQAError(f"{missing[0]}: no such file or folder")
+    if len(args.paths) == 1 and os.path.isdir(args.paths[0]):
+        build_report(args.paths[0], args.out, args.title, args.data, plots=not args.no_plots, echo=True)
+        return 0
     records = load_results(args.paths, exclude=args.out)
     if not records:
         raise MetaVQAError(f"{args.paths[0]}: no results.json found")
@@ -212,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             from meta_vqa.generate import main as generate_main
 
             return generate_main(rest)
-        if verb in LATER_VERBS:
-            return _error(f"`meta-vqa {verb}` is not yet available (arrives with {LATER_VERBS[verb]})")
+        if verb == "pipeline":
+            from meta_vqa.pipeline import main as pipeline_main
+
+            return pipeline_main(rest)
         return _error(f"unknown verb {verb!r}; run `meta-vqa --help` for the list")
     except MetaVQAError as e:
         return _error(str(e))

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meta-vqa generate", description="Adapter weights for a new task description."
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run folder of make run (runs/easy_vqa) or one of its seed folders")
+    src.add_argument(
+        "--run", help="a pipeline run (runs/easy_vqa; its first random-split seed) or one of its seed folders"
+    )
     src.add_argument("--ckpt", help="a HyperLDM or HyperCLIP checkpoint")
     p.add_argument("--method", choices=sorted(METHODS), default="hyperldm")
     p.add_argument("--generator", choices=["hnet", "hvae"], default="hnet", help="with --run (default hnet)")
@@ -55,7 +57,14 @@ def resolve_checkpoint(run: str | Path, method: str, generator: str) -> Path:
     """``<run>/[seedN/]<generator>_<stage>/best.ckpt`` (the first seed folder if there are several)."""
     run = Path(run)
     name = f"{generator}_{METHODS[method]}"
-    for base in [run, *sorted(run.glob("seed*"))]:
+    # a stage folder's parent, a seed folder, a run with seed folders, or a pipeline run (<split>/seed<S>)
+    candidates = [
+        run,
+        *sorted(run.glob("seed*")),
+        *sorted(run.glob("random/seed*")),
+        *sorted(run.glob("*/seed*")),
+    ]
+    for base in candidates:
         ckpt = base / name / "best.ckpt"
         if ckpt.is_file():
             return ckpt

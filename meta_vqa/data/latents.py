@@ -229,6 +229,7 @@ class LatentBatch:
     task: Tensor  # [B]
     question: Tensor  # [B, d_q]
     epoch: int
+    index: Tensor | None = None  # [B] flat positions e·T + i in the dataset's latents
 
     def __len__(self) -> int:
         return self.task.shape[0]
@@ -249,7 +250,7 @@ class LatentTasks(torch.utils.data.Dataset):
     def __getitems__(self, idx: list[int]) -> LatentBatch:
         flat = torch.as_tensor(idx)
         e, i = flat // self.T, flat % self.T
-        return LatentBatch(self.latents[e, i], self.task_ids[i], self.questions[i], int(e[0]))
+        return LatentBatch(self.latents[e, i], self.task_ids[i], self.questions[i], int(e[0]), flat)
 
     def __getitem__(self, i: int) -> LatentBatch:
         return self.__getitems__([i])

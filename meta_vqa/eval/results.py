@@ -126,18 +126,24 @@ def write_results(out_dir: str | Path, records: list[dict], title: str = "Result
     return out_dir / "results.json"
 
 
-def load_results(paths: Iterable[str | Path], exclude: str | Path | None = None) -> list[dict]:
+def load_results(
+    paths: Iterable[str | Path], exclude: str | Path | Iterable[str | Path] | None = None
+) -> list[dict]:
     """All records of the given ``results.json`` files or folders (searched recursively).
 
-    Files under ``exclude`` (e.g. the folder an aggregated report is written to) are skipped.
+    Files under ``exclude`` (folders, e.g. the one an aggregated report is written to) are skipped.
     """
-    skip = Path(exclude).resolve() if exclude else None
+    if exclude is None:
+        exclude = []
+    elif isinstance(exclude, str | Path):
+        exclude = [exclude]
+    skips = [Path(e).resolve() for e in exclude]
     records = []
     for p in paths:
         p = Path(p)
         files = sorted(p.rglob("results.json")) if p.is_dir() else [p]
         for f in files:
-            if skip is not None and f.resolve().is_relative_to(skip):
+            if any(f.resolve().is_relative_to(skip) for skip in skips):
                 continue
             try:
                 records += json.loads(f.read_text(encoding="utf-8"))

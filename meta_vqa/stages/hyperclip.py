@@ -29,12 +29,13 @@ from meta_vqa.diffusion.guidance import optimize_latents
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.nets.weight_encoder import WeightEncoder, contrastive_loss
-from meta_vqa.stages.common import finish_test, grad_enabled
+from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
 from meta_vqa.stages.generator import (
+    LatentRecorder,
+    TrainingLatents,
     attach_generator,
     control_questions,
     generator_kind,
-    latents_from_adaptation,
     query_accuracy,
     support_latents,
 )
@@ -93,6 +94,8 @@ class HyperCLIPStage(L.LightningModule):
         keys = ("acc_zero_shot", "acc_start", "retrieval_acc", "loss")
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.collector = ResultCollector()
+        self.latents = LatentRecorder()
+        self.training_latents = TrainingLatents()
         self.retrieval = {"hits": 0.0, "n": 0}
 
     @property
@@ -121,10 +124,15 @@ class HyperCLIPStage(L.LightningModule):
         )
 
     # --- training ------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.training_latents.prepare(
+            self.generator, self.trainer.datamodule.adaptation_data.tensors["latents"]
+        )
+
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
         gen = self.generator
         with torch.no_grad():
-            w = gen.weights(latents_from_adaptation(gen, batch.latent))
+            w = gen.weights(self.training_latents(gen, batch))
         u = self.encoder(w)
         v = F.normalize(batch.question, dim=-1)
         loss = contrastive_loss(u, v, self.encoder.scale)
@@ -184,6 +192,7 @@ class HyperCLIPStage(L.LightningModule):
                 res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=shots)
                 self.collector.add(self.method, batch.task, res["model"], control=control)
                 if control == "aligned":
+                    self.latents.add(batch.task, z)
                     self.collector.add("chance", batch.task, res["chance"])
                     self.collector.add("majority", batch.task, res["majority"])
             hits = self.retrieval_hits(b, self._candidates())
@@ -194,4 +203,5 @@ class HyperCLIPStage(L.LightningModule):
         if self.retrieval["n"]:
             self.log("test/retrieval_acc", 100 * self.retrieval["hits"] / self.retrieval["n"])
         self.retrieval = {"hits": 0.0, "n": 0}
+        self.latents.write(self, self.hparams.results_dir, self.method, seed=global_seed())
         finish_test(self, self.collector, self.hparams.results_dir, f"HyperCLIP ({self.method})")

@@ -34,8 +34,10 @@ from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.nets.denoiser import LatentDenoiser
-from meta_vqa.stages.common import finish_test, grad_enabled
+from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
 from meta_vqa.stages.generator import (
+    LatentRecorder,
+    TrainingLatents,
     attach_generator,
     control_questions,
     generator_kind,
@@ -128,6 +130,8 @@ class HyperLDMStage(L.LightningModule):
         self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in ("acc_zero_shot", "latent_norm")})
         self.collector = ResultCollector()
+        self.latents = LatentRecorder()
+        self.training_latents = TrainingLatents()
 
     @property
     def generator(self):
@@ -135,8 +139,6 @@ class HyperLDMStage(L.LightningModule):
 
     # --- latent statistics ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if bool(self.stats_ready):
-            return
         data = self.trainer.datamodule.adaptation_data
         gen = self.generator
         hnet = gen.hnet if generator_kind(gen) == "hvae" else gen  # the dataset holds HNet latents
@@ -145,6 +147,9 @@ class HyperLDMStage(L.LightningModule):
                 f"{data.path}: latents have size {data.latent_dim}, the generator's HNet "
                 f"({self.hparams.upstream.get('path')}) has latent_dim {hnet.latent_dim}"
             )
+        self.training_latents.prepare(gen, data.tensors["latents"])
+        if bool(self.stats_ready):
+            return
         lat = data.tensors["latents"].flatten(0, 1).to(self.device)
         x = torch.cat([latents_from_adaptation(gen, chunk) for chunk in lat.split(4096)])
         self.latent_mean.copy_(x.mean(0))
@@ -160,7 +165,7 @@ class HyperLDMStage(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
-        x0 = self.standardize(latents_from_adaptation(self.generator, batch.latent))
+        x0 = self.standardize(self.training_latents(self.generator, batch))
         B = x0.shape[0]
         t = torch.randint(0, self.hparams.timesteps, (B,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -236,6 +241,7 @@ class HyperLDMStage(L.LightningModule):
                 res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=shots)
                 self.collector.add(self.method, batch.task, res["model"], control="aligned", gamma=gamma)
                 if gamma == hp.gamma:
+                    self.latents.add(batch.task, z)
                     self.collector.add("chance", batch.task, res["chance"])
                     self.collector.add("majority", batch.task, res["majority"])
             for control in hp.controls:
@@ -257,4 +263,7 @@ class HyperLDMStage(L.LightningModule):
                 )
 
     def on_test_epoch_end(self) -> None:
+        self.latents.write(
+            self, self.hparams.results_dir, self.method, gamma=self.hparams.gamma, seed=global_seed()
+        )
         finish_test(self, self.collector, self.hparams.results_dir, f"HyperLDM ({self.method})")

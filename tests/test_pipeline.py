@@ -1,0 +1,220 @@
+"""meta-vqa pipeline: the stage plan and its hand-offs, the whole smoke chain end to end with its report,
+resuming after a kill, re-running only stale stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meta_vqa.errors import ConfigError
+from meta_vqa.pipeline import Pipeline, load_config, plan
+
+REPO = Path(__file__).resolve().parents[1]
+EASY = REPO / "conf" / "easy_vqa" / "pipeline.yaml"
+SMOKE = REPO / "conf" / "smoke" / "pipeline.yaml"
+
+
+def _arg(argv: list[str], key: str) -> str:
+    return argv[argv.index(key) + 1]
+
+
+def test_plan_hands_every_checkpoint_to_the_next_stage(tmp_path):
+    cfg = load_config(EASY, [f"out={tmp_path}", "seeds=2", "splits=[random,family]"])
+    stages = {s.name: s for s in plan(cfg)}
+    per_seed = (
+        5 + 1 + 1 + 1 + 2 * 2
+    )  # base variants, hnet, adaptation, hvae, {hnet,hvae} x {hyperclip,hyperldm}
+    assert len(stages) == 2 * 2 * per_seed
+    r = tmp_path / "family" / "seed1"
+    hnet = stages["family/seed1/hnet"].argv
+    assert hnet[:3] == ["fit", "-c", str(REPO / "conf" / "easy_vqa" / "hnet.yaml")]
+    assert _arg(hnet, "--data.split") == "family" and _arg(hnet, "--seed_everything") == "1"
+    assert _arg(hnet, "--trainer.callbacks.init_args.dirpath") == str(r / "hnet")
+    assert _arg(hnet, "--trainer.logger.init_args.save_dir") == str(tmp_path / "lightning_logs")
+    assert _arg(hnet, "--trainer.logger.init_args.name") == "family/seed1/hnet"
+    adapt = stages["family/seed1/adaptation"]
+    assert adapt.argv[0] == "predict" and _arg(adapt.argv, "--ckpt_path") == str(r / "hnet" / "best.ckpt")
+    assert _arg(adapt.argv, "--trainer.callbacks.init_args.out") == str(r / "adaptation")
+    assert "--trainer.logger.init_args.name" not in adapt.argv  # adapt.yaml logs nothing
+    for gen in ("hnet", "hvae"):
+        ldm = stages[f"family/seed1/{gen}_hyperldm"]
+        assert _arg(ldm.argv, "--model.init_args.upstream_ckpt") == str(r / gen / "best.ckpt")
+        assert _arg(ldm.argv, "--model.init_args.hyperclip_ckpt") == str(r / f"{gen}_hyperclip" / "best.ckpt")
+        assert _arg(ldm.argv, "--data.adaptation") == str(r / "adaptation")
+        assert _arg(ldm.argv, "--model.init_args.classifier_scales") == "[1.0, 10.0]"  # from args.hyperldm
+        assert set(ldm.deps) == {f"family/seed1/{d}" for d in (gen, "adaptation", f"{gen}_hyperclip")}
+    clip = stages["random/seed0/base/clip_zero_shot"]
+    assert clip.argv[0] == "test" and not clip.resumable
+    # every stage comes after the ones it depends on
+    order = [s.name for s in plan(cfg)]
+    assert all(order.index(d) < order.index(s.name) for s in plan(cfg) for d in s.deps)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("splits=[random,sideways]", "splits: 'sideways' is not one of"),
+        ("generators=[hnet,gan]", "generators: 'gan'"),
+        ("launcher=cluster", "launcher: 'cluster'"),
+        ("colour=blue", "colour"),
+        ("seeds=zero", "seeds"),
+        ("args={hyperldm: [x], decoder: [y]}", "args: 'decoder'"),
+    ],
+)
+def test_bad_pipeline_config_names_the_file_and_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    assert str(SMOKE) in str(e.value) and needle in str(e.value)
+
+
+def test_stage_config_without_a_trailing_model_checkpoint_is_refused(tmp_path):
+    for f in (REPO / "conf" / "smoke").glob("*.yaml"):
+        (tmp_path / f.name).write_text(f.read_text())
+    hnet = tmp_path / "hnet.yaml"
+    lines = hnet.read_text().replace("    - class_path: meta_vqa.callbacks.LastCheckpoint\n", "")
+    hnet.write_text(lines.replace("  callbacks:\n", "  callbacks:\n    - class_path: meta_vqa.callbacks.LastCheckpoint\n", 1)
+                    .replace("        filename: best-{step}\n", "        filename: best-{step}\n    - class_path: meta_vqa.callbacks.EMA\n", 1))  # fmt: skip
+    with pytest.raises(ConfigError, match="ModelCheckpoint as the last callback"):
+        plan(load_config(tmp_path / "pipeline.yaml", [f"out={tmp_path}"]))
+
+
+# --- the smoke chain, end to end -------------------------------------------------------------------------
+def _pipeline(run: Path, data: Path, *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "meta_vqa",
+        "pipeline",
+        "-c",
+        str(SMOKE),
+        "--out",
+        str(run),
+        f"data.root={data}",
+    ]
+    return subprocess.Popen([*cmd, *extra], cwd=run.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
+def _stamp(run: Path, stage: str) -> dict | None:
+    f = run / "random" / "seed0" / stage / "stage.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke pipeline killed (SIGKILL) while the HVAE trains, after its first last.ckpt; then re-run."""
+    base = tmp_path_factory.mktemp("pipeline")
+    run, data = base / "run", base / "data"
+    t0 = time.time()
+    proc = _pipeline(run, data)
+    hvae = run / "random" / "seed0" / "hvae"
+    while proc.poll() is None and not (hvae / "last.ckpt").is_file():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    first_out = proc.communicate()[0]
+    assert not (hvae / "stage.json").exists(), "the HVAE finished before the kill; the test lost its point"
+    killed = {s: _stamp(run, s) for s in ("hnet", "adaptation", "base/mnet_maml")}
+    proc = _pipeline(run, data)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return {
+        "run": run,
+        "data": data,
+        "killed": killed,
+        "first": first_out,
+        "out": out,
+        "wall": time.time() - t0,
+    }
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_without_redoing_finished_stages(smoke_run):
+    run, killed = smoke_run["run"], smoke_run["killed"]
+    assert all(killed.values()), "hnet, adaptation and the base variants had finished before the kill"
+    summary = {s["stage"]: s for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    for stage in ("hnet", "adaptation", "base/mnet_maml", "base/clip_zero_shot"):
+        assert summary[f"random/seed0/{stage}"]["status"] == "skipped"
+    for stage, rec in killed.items():  # the very same finished runs, not repeated
+        assert _stamp(run, stage)["run_id"] == rec["run_id"]
+    assert summary["random/seed0/hvae"]["status"] == "resumed"  # from its last.ckpt
+    assert "--ckpt_path" in _stamp(run, "hvae")["argv"]
+    for stage in ("hvae", "hnet_hyperclip", "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"):
+        assert _stamp(run, stage) is not None
+    assert "up to date, skipped" in smoke_run["out"]
+    assert smoke_run["wall"] < 180
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_report(smoke_run):
+    run = smoke_run["run"]
+    report = run / "report"
+    records = json.loads((report / "results.json").read_text())
+    methods = {r["method"] for r in records}
+    expected = {"chance", "majority", "clip_zero_shot", "uncond_multitask", "cond_multitask",
+                "cond_multitask_film", "mnet_maml", "hnet_maml", "hvae", "hnet_hyperclip", "hvae_hyperclip",
+                "hnet_hyperldm", "hvae_hyperldm", "hnet_combined", "hvae_combined"}  # fmt: skip
+    assert expected <= methods
+    shots = {r["shots"] for r in records if r["method"] == "hnet_hyperldm"}
+    assert shots == {0, 1, 2, 3, "full"}  # conf/smoke: max_shots 3
+    controls = {r.get("control") for r in records if r["method"] == "hnet_hyperldm" and r["shots"] == 0}
+    assert controls == {"aligned", "shuffled", "empty"}
+    md = (report / "results.md").read_text()
+    for heading in ("## split: random", "## The paper's claims on this run", "## Memorisation", "## Plots"):
+        assert heading in md
+    for png in (
+        "accuracy_vs_gamma",
+        "kshot",
+        "latents_hnet_hyperldm_random",
+        "latents_hvae_hyperclip_random",
+    ):
+        assert (report / f"{png}.png").stat().st_size > 1000
+    assert list((run / "lightning_logs" / "report").glob("events.out.tfevents.*"))
+    assert list((run / "lightning_logs" / "random" / "seed0" / "hnet").rglob("events.out.tfevents.*"))
+    mem = json.loads((report / "memorisation.json").read_text())
+    assert {m["method"] for m in mem} == {
+        "hnet_hyperclip",
+        "hvae_hyperclip",
+        "hnet_hyperldm",
+        "hvae_hyperldm",
+    }
+    n_test = len(json.loads((smoke_run["data"] / "meta_test.json").read_text()))
+    assert all(m["generated_to_train"] > 0 and m["n_generated"] == n_test for m in mem)
+    # guided zero-shot above chance
+    zs = lambda m: next(r["accuracy"] for r in records if r["method"] == m and r["shots"] == 0
+                        and r.get("control", "aligned") == "aligned" and r.get("gamma") in (None, 1.0))  # fmt: skip
+    assert zs("hnet_hyperldm") > zs("chance") + 5
+
+
+@pytest.mark.slow
+def test_changed_stage_config_reruns_only_that_stage_and_downstream(smoke_run, tmp_path):
+    run, data = smoke_run["run"], smoke_run["data"]
+    before = {
+        s: _stamp(run, s)["run_id"] for s in ("hnet", "hnet_hyperldm", "hvae_hyperldm", "hnet_hyperclip")
+    }
+    proc = _pipeline(run, data, "args.hyperldm=[--trainer.max_steps,60]")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    summary = {s["stage"]: s["status"] for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    reran = {s for s, st in summary.items() if st != "skipped" and s not in ("prepare", "report")}
+    assert reran == {"random/seed0/hnet_hyperldm", "random/seed0/hvae_hyperldm"}
+    assert _stamp(run, "hnet")["run_id"] == before["hnet"]
+    assert _stamp(run, "hnet_hyperclip")["run_id"] == before["hnet_hyperclip"]
+    assert _stamp(run, "hnet_hyperldm")["run_id"] != before["hnet_hyperldm"]
+    stale = sorted(p.name for p in (run / "_stale").iterdir())  # the old results are kept, not deleted
+    assert len(stale) == 2 and all((run / "_stale" / s / "stage.json").is_file() for s in stale)
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
+    cfg = load_config(SMOKE, [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}"])
+    assert Pipeline(cfg, only=["hnet", "adapt"]).run(dry_run=True) == []
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        len(lines) == 2 and lines[0].startswith("meta-vqa fit -c") and lines[1].startswith("meta-vqa predict")
+    )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
