@@ -218,3 +218,17 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
         len(lines) == 2 and lines[0].startswith("meta-vqa fit -c") and lines[1].startswith("meta-vqa predict")
     )
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_process_launcher_runs_each_stage_in_a_subprocess(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    over = [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "launcher=process"]
+    cfg = load_config(SMOKE, [*over, "base_variants=[clip_zero_shot]", "report=false"])
+    summary = Pipeline(cfg, only=["base"]).run()
+    assert [s["status"] for s in summary] == ["ran", "ran"]  # prepare, then the one base stage
+    assert (tmp_path / "data" / "dataset.json").is_file()
+    records = json.loads(
+        (tmp_path / "run" / "random" / "seed0" / "base" / "clip_zero_shot" / "results.json").read_text()
+    )
+    assert {r["method"] for r in records} >= {"clip_zero_shot", "chance"}

@@ -3,10 +3,10 @@
 import torch
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.eval.protocol import Protocol, kshot_masks, majority_correct, rank_within_answer
+from meta_vqa.eval.protocol import Protocol, kshot_masks, majority_correct, pack, rank_within_answer
 from meta_vqa.eval.results import ResultCollector, aggregate, render_markdown
-from meta_vqa.meta.maml import InnerLoop
-from meta_vqa.nets.adapter import ResidualAdapter
+from meta_vqa.meta.maml import InnerLoop, adapt
+from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses
 
 
 def _batch(support_y, query_y, k=3, dim=4, task=(0,)):
@@ -75,6 +75,38 @@ def test_protocol_results_and_records():
     assert abs(z["accuracy_pooled"] - 100 * hits.sum().item() / 6) < 1e-9 and z["n_tasks"] == 2
     m = next(r for r in recs if r["method"] == "majority" and r["shots"] == "full")
     assert abs(m["accuracy"] - 100 * (1 / 3 + 2 / 3) / 2) < 1e-9
+
+
+def test_pack_keeps_the_masked_examples_in_order():
+    x = torch.arange(10.0).reshape(2, 5, 1)
+    y = torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]])
+    mask = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
+    px, py, pm = pack(x, y, mask)
+    assert px.shape == (2, 3, 1)
+    assert px[0, :, 0].tolist() == [1.0, 3.0, 4.0] and py[0].tolist() == [1, 0, 1] and pm[0].all()
+    assert px[1, 0, 0].item() == 5.0 and pm[1].tolist() == [True, False, False]
+
+
+def test_kshot_fine_tuning_on_the_packed_support_equals_the_masked_one():
+    torch.manual_seed(1)
+    adapter = ResidualAdapter(4, 3)
+    b = _batch(
+        [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2], [2, 1, 0, 2, 1, 0, 2, 1, 0, 0]], [[0, 1, 2], [2, 1, 0]], task=(1, 2)
+    )
+    loop = InnerLoop(steps=3, lr=0.5)
+    init = 0.1 * torch.randn(2, adapter.num_params)
+    res = Protocol(loop, max_shots=3, seed=7).evaluate(adapter, b, init, shots=[2])
+    smask, qmask, _ = kshot_masks(b, 2, 3, 7)
+
+    def masked_loss(p):  # the whole padded support, the k-shot subset masked in
+        return task_losses(adapter(p, b.support_x, b.answers, b.answer_mask), b.support_y, smask)
+
+    px, py, pm = pack(b.support_x, b.support_y, smask)
+    packed = task_losses(adapter(init, px, b.answers, b.answer_mask), py, pm)
+    assert px.shape[1] == 6 and torch.allclose(packed, masked_loss(init), atol=1e-6)  # 2 shots x 3 answers
+    p = adapt(init, masked_loss, loop, track_meta_grad=False)
+    correct, _ = task_correct(adapter(p, b.query_x, b.answers, b.answer_mask), b.query_y, qmask)
+    assert torch.equal(res["model"][2].correct, correct)
 
 
 def test_aggregate_mean_and_std_over_seeds():

@@ -63,6 +63,15 @@ def kshot_masks(batch: TaskBatch, k: int, max_k: int, seed: int) -> tuple[Tensor
     return s_kept & (rank < k) & e, q_kept & e, eligible
 
 
+def pack(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's masked-in examples moved to the front (in their order), padding beyond the largest
+    count dropped: a k-shot support set then costs k·K examples per step, not the whole padded support."""
+    width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x, y.gather(1, order), mask.gather(1, order)
+
+
 def majority_correct(batch: TaskBatch, support_mask: Tensor, query_mask: Tensor) -> Tensor:
     """Query hits of always answering the support set's most frequent answer (first one on ties)."""
     K = batch.answers.shape[1]
@@ -125,10 +134,13 @@ class Protocol:
             if s == 0:
                 params = init
             else:
+                sx, sy, sm = batch.support_x, batch.support_y, smask
+                if s != "full":
+                    sx, sy, sm = pack(sx, sy, sm)
 
-                def inner_loss(p: Tensor, smask: Tensor = smask) -> Tensor:
-                    logits = adapter(to_w(p), batch.support_x, batch.answers, batch.answer_mask)
-                    return task_losses(logits, batch.support_y, smask)
+                def inner_loss(p: Tensor, sx: Tensor = sx, sy: Tensor = sy, sm: Tensor = sm) -> Tensor:
+                    logits = adapter(to_w(p), sx, batch.answers, batch.answer_mask)
+                    return task_losses(logits, sy, sm)
 
                 params = adapt(init, inner_loss, self.loop, track_meta_grad=False)
             correct, total = hits(params, qmask)

@@ -244,12 +244,16 @@ def plot_kshot(rows: list[dict]):
         shots_all = sorted({s for d in by_method.values() for s in d}, key=_shots_key)
         order = sorted(shots_all, key=lambda s: (s == "full", 0 if s == "full" else int(s)))
         xs = {s: i for i, s in enumerate(order)}
-        for (m, g), d in sorted(by_method.items(), key=lambda kv: (_rank(kv[0][0]), str(kv[0][1]))):
-            if len(d) < 2:
-                continue  # a zero-shot-only row (e.g. another γ)
+        lines = [(k, d) for k, d in by_method.items() if len(d) > 1]  # not the zero-shot-only rows (other γ)
+        lines.sort(key=lambda kv: (_rank(kv[0][0]), str(kv[0][1])))
+        colours = plt.get_cmap("tab20")
+        for i, ((m, g), d) in enumerate(lines):
             pts = sorted(d.items(), key=lambda kv: xs[kv[0]])
+            style = (
+                {"ls": "--", "color": "0.5"} if m in ("chance", "majority") else {"color": colours(i % 20)}
+            )
             ax.errorbar([xs[s] for s, _ in pts], [r["mean"] for _, r in pts], [r["std"] for _, r in pts],
-                        marker="o", capsize=2, label=m + (f" γ={g:g}" if g is not None else ""))  # fmt: skip
+                        marker="o", ms=3, capsize=2, label=m + (f" γ={g:g}" if g is not None else ""), **style)  # fmt: skip
         ax.set_xticks(range(len(order)), [str(s) for s in order])
         ax.set(title=f"{split} split", xlabel="examples per answer", ylabel="query accuracy (%)")
         if ax.get_legend_handles_labels()[0]:
