@@ -186,3 +186,12 @@ def test_latent_batches_take_one_random_epoch_per_pass_and_drop_leftovers():
         sampler.set_epoch(p)
         assert list(sampler) == batches  # depends only on (seed, pass)
     assert len(seen_epochs) > 1
+
+
+def test_latent_batch_larger_than_the_tasks_takes_all_of_them(caplog):
+    from meta_vqa.data.latents import EpochBatches
+
+    sampler = EpochBatches(epochs=2, tasks=5, batch_size=8, seed=0)  # e.g. the family split's fewer tasks
+    batches = list(sampler)
+    assert len(batches) == 1 and sorted(i % 5 for i in batches[0]) == [0, 1, 2, 3, 4]
+    assert "exceeds the 5 tasks" in caplog.text

@@ -268,10 +268,12 @@ class EpochBatches(torch.utils.data.Sampler):
     def __init__(self, epochs: int, tasks: int, batch_size: int, seed: int = 0):
         if epochs < 1:
             raise DataError("the adaptation dataset has no epochs; make it with data.adapt_epochs >= 1")
-        if batch_size > tasks:
-            raise DataError(
-                f"data.batch_size: {batch_size} exceeds the {tasks} tasks of the adaptation dataset"
-            )
+        if batch_size > tasks:  # e.g. the held-out-family split leaves fewer meta-train tasks
+            logging.getLogger(__name__).warning(
+                "data.batch_size: %d exceeds the %d tasks of the adaptation dataset; batches of %d",
+                batch_size, tasks, tasks,
+            )  # fmt: skip
+            batch_size = tasks
         self.epochs, self.tasks, self.batch_size, self.seed = epochs, tasks, batch_size, seed
         self.pass_ = 0
 

@@ -178,14 +178,15 @@ def claims(rows: list[dict]) -> str:
                 and r.get("control") in ("shuffled", "empty")
             }
             if "shuffled" in ctrl and 0.0 in at:
-                sh, un = ctrl["shuffled"]["mean"], at[0.0]["mean"]
-                aligned = at[1.0]["mean"]
-                uses_text = abs(sh - un) < abs(aligned - sh)
-                parts.append(
-                    f"shuffled description {sh:.1f} vs unconditional (γ=0) {un:.1f} and aligned {aligned:.1f}: "
-                    + ("falls back to the unconditional level, so the description is used"
-                       if uses_text else "does not fall back to the unconditional level: the description is not what drives the result")
-                )  # fmt: skip
+                sh, un, aligned = ctrl["shuffled"]["mean"], at[0.0]["mean"], at[1.0]["mean"]
+                head = f"shuffled description {sh:.1f} vs unconditional (γ=0) {un:.1f} and aligned {aligned:.1f}: "
+                if aligned <= un:
+                    verdict = "the aligned description is not above the unconditional level, so guidance does not help here"
+                elif abs(sh - un) < abs(aligned - sh):
+                    verdict = "falls back to the unconditional level, so the description is used"
+                else:
+                    verdict = "does not fall back to the unconditional level: the description is not what drives the result"
+                parts.append(head + verdict)
             if parts:
                 lines.append(f"- {split}, {ldm}: " + "; ".join(parts) + ".")
     return "\n".join(lines + [""]) if len(lines) > 2 else ""
