@@ -31,6 +31,7 @@ def test_claims_sentences_follow_the_numbers():
         recs.append(_rec("hnet_hyperldm", acc, gamma=g, control="aligned"))
     recs.append(_rec("hnet_hyperldm", 51.0, gamma=1.0, control="shuffled"))
     recs.append(_rec("hnet_combined", 64.0, gamma=1.0, control="aligned", classifier_scale=1.0))
+    recs.append(_rec("hvae_hyperldm", 99.0, gamma=0.0, control="aligned"))  # unconditional: not guidance
     text = claims(aggregate(recs))
     assert "Best guided zero-shot: hnet_hyperldm γ=2 68.0" in text
     assert "Above uncond_multitask 60.0" in text and "Not above mnet_maml 70.0" in text

@@ -138,7 +138,7 @@ def claims(rows: list[dict]) -> str:
     fmt = lambda r: f"{r['mean']:.1f}"
     for split in sorted({r["split"] for r in rows}):
         zs = _zero_shot(rows, split)
-        guided = {k: r for k, r in zs.items() if k[0] in GUIDED}
+        guided = {k: r for k, r in zs.items() if k[0] in GUIDED and k[1] != 0.0}  # γ = 0: unconditional
         if not guided:
             continue
         name = lambda k: (
