@@ -38,5 +38,6 @@ def test_claims_sentences_follow_the_numbers():
     assert "CFG γ=2 68.0 is above γ=1 65.0" in text and "combined s=1 64.0 is not above γ=1" in text
     assert "falls back to the unconditional level, so the description is used" in text
     # a shuffled description as good as the aligned one: the text is not what drives the result
-    recs[-2] = _rec("hnet_hyperldm", 64.0, gamma=1.0, control="shuffled")
+    i = next(i for i, r in enumerate(recs) if r.get("control") == "shuffled")
+    recs[i] = _rec("hnet_hyperldm", 64.0, gamma=1.0, control="shuffled")
     assert "the description is not what drives the result" in claims(aggregate(recs))

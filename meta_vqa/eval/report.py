@@ -163,11 +163,11 @@ def claims(rows: list[dict]) -> str:
             parts = []
             if higher:
                 g = max(higher, key=lambda g: higher[g]["mean"])
-                verdict = "above" if higher[g]["mean"] > at[1.0]["mean"] else "not above"
+                verdict = "above" if higher[g]["mean"] - at[1.0]["mean"] >= 0.05 else "not above"
                 parts.append(f"CFG γ={g:g} {fmt(higher[g])} is {verdict} γ=1 {fmt(at[1.0])}")
             if comb:
                 s = max(comb, key=lambda s: comb[s]["mean"])
-                verdict = "above" if comb[s]["mean"] > at[1.0]["mean"] else "not above"
+                verdict = "above" if comb[s]["mean"] - at[1.0]["mean"] >= 0.05 else "not above"  # as printed
                 parts.append(f"combined s={s:g} {fmt(comb[s])} is {verdict} γ=1")
             ctrl = {
                 r["control"]: r
