@@ -72,6 +72,7 @@ class PipelineConfig:
     args: dict[str, list[str]] = field(default_factory=dict)  # extra command-line arguments per stage kind
     launcher: str = "inline"  # inline: stages run in this process; process: one subprocess per stage
     progress_bar: bool = False
+    keep_last: bool = False  # keep a finished stage's last.ckpt (only an interrupted stage needs it)
     report: bool = True
     title: str = "Meta-VQA meta-test results"
 
@@ -386,6 +387,8 @@ class Pipeline:
                 f"pipeline: stage {st.name} finished without writing {st.dir / absent[0]} "
                 f"(check {st.config}: e.g. trainer.check_val_every_n_epoch must allow at least one validation)"
             )
+        if not self.cfg.keep_last and (st.dir / "best.ckpt").is_file():
+            (st.dir / "last.ckpt").unlink(missing_ok=True)  # the resume point of an unfinished stage only
         run_id = uuid.uuid4().hex
         rec = {
             "hash": h,

@@ -144,6 +144,8 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(smoke_run):
         assert _stamp(run, stage)["run_id"] == rec["run_id"]
     assert summary["random/seed0/hvae"]["status"] == "resumed"  # from its last.ckpt
     assert "--ckpt_path" in _stamp(run, "hvae")["argv"]
+    hvae = run / "random" / "seed0" / "hvae"
+    assert (hvae / "best.ckpt").is_file() and not (hvae / "last.ckpt").exists()  # finished: no resume point
     for stage in ("hvae", "hnet_hyperclip", "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"):
         assert _stamp(run, stage) is not None
     assert "up to date, skipped" in smoke_run["out"]
