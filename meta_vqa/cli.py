@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
-from typing import Any
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -73,119 +71,6 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def run_lightning(argv: list[str]) -> int:
-    """``fit|validate|test|predict`` through LightningCLI in omegaconf mode."""
-    import warnings
-
-    from jsonargparse import ArgumentError
-
-    from meta_vqa.lightning_cli import MetaVQACLI
-
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-    try:
-        MetaVQACLI(args=argv)
-    except ArgumentError as e:
-        return _error(_compact_argument_error(str(e)))
-    except ValueError as e:
-        # jsonargparse wraps what a model's __init__ raises (e.g. a missing upstream checkpoint)
-        cause = _user_error_cause(e)
-        if cause is None:
-            raise
-        raise cause from None
-    return 0
-
-
-def _user_error_cause(e: BaseException):
-    """The first :class:`MetaVQAError` in an exception's cause/context chain, if any."""
-    from meta_vqa.errors import MetaVQAError
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, MetaVQAError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _compact_argument_error(msg: str) -> str:
-    """One line from jsonargparse's nested report: the full key (``model.variant``) and the cause."""
-    structural = (
-        "Does not validate",
-        "Subtypes:",
-        "Errors:",
-        "- Problem with given class_path",
-        "Given value",
-    )
-    stack: list[tuple[int, str]] = []
-    for line in msg.splitlines():
-        text = line.strip()
-        if not text:
-            continue
-        indent = len(line) - len(line.lstrip())
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        m = re.match(r'(?:- )?Parser key "([^"]+)":?\s*(.*)', text)
-        if m:
-            stack.append((indent, m.group(1)))
-            if m.group(2):
-                return f"{'.'.join(k for _, k in stack)}: {m.group(2)}"
-            continue
-        if stack and not text.startswith(structural) and "NoneType" not in text:
-            return f"{'.'.join(k for _, k in stack)}: {text.lstrip('- ')}"
-    return msg.strip().splitlines()[0] if msg.strip() else msg
-
-
-def run_prepare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="meta-vqa prepare", description="Build a dataset folder.")
-    p.add_argument("dataset", choices=["easy-vqa", "synthetic", "vqa-v2"], help="which dataset to build")
-    p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa, data/synthetic)")
-    p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
-    p.add_argument("--clip-epochs", type=int, default=None, help="epochs of the small CLIP's image tower")
-    p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
-    args = p.parse_args(argv)
-    if args.dataset == "vqa-v2":
-        return _error("prepare vqa-v2 is not yet available (needs VQA v2 and CLIP ViT-L/14@336px features)")
-    if args.dataset == "synthetic":
-        return _prepare_synthetic(args.out or "data/synthetic", args.seed, args.force)
-    from meta_vqa.data.easy_vqa import prepare_easy_vqa
-
-    kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
-    if args.clip_epochs is not None:
-        kwargs["clip_epochs"] = args.clip_epochs
-    summary = prepare_easy_vqa(args.out or "data/easy_vqa", **kwargs)
-    _print_prepare_summary(summary)
-    return 0
-
-
-def _prepare_synthetic(out: str, seed: int, force: bool) -> int:
-    """The small synthetic dataset of the tests and conf/smoke (kept if already built)."""
-    from pathlib import Path
-
-    from meta_vqa.data.features import read_manifest
-
-    root = Path(out)
-    if (root / "dataset.json").is_file() and not force:
-        if read_manifest(root).get("builder") != "synthetic":
-            from meta_vqa.errors import DataError
-
-            raise DataError(f"{root / 'dataset.json'}: another dataset is there; choose another --out")
-        print(f"{root}: synthetic dataset already built (--force rebuilds it)")
-        return 0
-    from meta_vqa.data.synthetic import make_synthetic
-
-    make_synthetic(root, seed=0 if seed == 2021 else seed)
-    print(f"{root}: synthetic dataset built")
-    return 0
-
-
-def _print_prepare_summary(summary: dict) -> None:
-    import json
-
-    print(json.dumps(summary, indent=1, default=str))
-
-
 def run_report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="meta-vqa report",
@@ -238,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if verb in LIGHTNING_VERBS:
-            return run_lightning(argv)
+            from meta_vqa.lightning_cli import run_stage
+
+            return run_stage(argv)
         if verb == "prepare":
-            return run_prepare(rest)
+            from meta_vqa.prepare import main as prepare_main
+
+            return prepare_main(rest)
         if verb == "report":
             return run_report(rest)
         if verb == "bench":

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from meta_vqa.errors import MetaVQAError
+from meta_vqa.eval.methods import guided_method
 
 METHODS = {"hyperldm": "hyperldm", "combined": "hyperldm", "hyperclip": "hyperclip"}
 
@@ -76,7 +77,7 @@ def _answer_template(question: str, prompt: str | None) -> str:
         if prompt.count("{}") != 1:
             raise MetaVQAError(f"--prompt {prompt!r}: needs exactly one {{}} for the answer")
         return prompt
-    from meta_vqa.data.easy_vqa import prompt_template
+    from meta_vqa.data.easy_vqa_questions import prompt_template
     from meta_vqa.errors import DataError
 
     try:
@@ -164,7 +165,7 @@ def generate(args: argparse.Namespace) -> dict:
         "question": args.question,
         "answers": ",".join(answers),
         "answer_template": template,
-        "method": f"{type(gen).__name__.removesuffix('Stage').lower()}_{args.method}",
+        "method": guided_method(gen.kind, args.method),
         "gamma": "" if gamma is None else str(gamma),
         "checkpoint": str(ckpt),
         "seed": str(args.seed),

@@ -46,6 +46,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, _write)
 
 
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or malformed one raises one :class:`DataError` naming it.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message (e.g. "task file", "dataset manifest").
+    """
+    from meta_vqa.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

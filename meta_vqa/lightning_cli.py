@@ -1,29 +1,79 @@
-"""LightningCLI wiring: omegaconf configs, data→model size links, test right after fit."""
+"""LightningCLI wiring: ``meta-vqa fit|validate|test|predict`` and :func:`run_stage`, which runs one such
+command (the pipeline runs every stage through it).
+
+What the CLI adds to LightningCLI:
+
+* **Config composition.** A stage YAML builds on the ``defaults.yaml`` of its parent folder (shared by every
+  dataset: trainer, logger, checkpointing, seed) and of its own folder (shared by one dataset's stages:
+  the data settings); both are loaded before the stage's own YAML, which, like the command line, can
+  override any key. ``meta-vqa fit -c conf/easy_vqa/hnet.yaml --print_config`` shows the result.
+* **Checkpointing** as two top-level groups: ``checkpoint`` (the ``ModelCheckpoint`` that writes
+  ``best.ckpt``) and ``last_checkpoint`` (``last.ckpt`` after every validation, for resuming).
+* **Outputs of one stage in one folder**: ``--stage_dir DIR`` puts the checkpoints, ``results.json``/``.md``
+  (the model's ``results_dir``) and, for ``predict``, the adaptation dataset in ``DIR``; ``--log_dir`` and
+  ``--log_name`` place the TensorBoard run.
+* Sizes that follow from the dataset are linked (``data.feature_dim`` → ``model.init_args.feature_dim``).
+* ``--test_after_fit true`` tests the best checkpoint right after ``fit``.
+* Bad input is one :class:`~meta_vqa.errors.MetaVQAError` (printed by ``meta-vqa`` as one ``error:`` line).
+"""
 
 from __future__ import annotations
 
 import re
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from meta_vqa.callbacks import LastCheckpoint
 from meta_vqa.data.datamodule import MetaVQADataModule
-from meta_vqa.errors import ConfigError
+from meta_vqa.errors import ConfigError, MetaVQAError
 
+VERBS = ("fit", "validate", "test", "predict")
+DEFAULTS = "defaults.yaml"
 _MODEL_ARG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)")
+_WRITER = "meta_vqa.stages.adaptation_writer.AdaptationWriter"
+
+
+def config_files(argv: list[str]) -> list[Path]:
+    """The ``-c``/``--config`` files of a command line, in order."""
+    files = []
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            files.append(Path(argv[i + 1]))
+        elif a.startswith("--config="):
+            files.append(Path(a.split("=", 1)[1]))
+    return files
+
+
+def default_files(config: str | Path) -> list[Path]:
+    """The defaults a stage YAML builds on: ``../defaults.yaml`` then ``./defaults.yaml``, where they exist."""
+    config = Path(config)
+    chain = [config.parent.parent / DEFAULTS, config.parent / DEFAULTS]
+    return [p for p in chain if p.is_file() and p.resolve() != config.resolve()]
 
 
 class MetaVQACLI(LightningCLI):
     """``meta-vqa fit|validate|test|predict``: any stage (``model.class_path``) over the one DataModule."""
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any):
+        argv = list(sys.argv[1:] if args is None else args)
+        configs = config_files(argv)
+        defaults = [str(p) for p in default_files(configs[0])] if configs else []
+        if kwargs.get("run", True):
+            parser_kwargs: dict[str, Any] = {verb: {"default_config_files": defaults} for verb in VERBS}
+        else:  # no subcommands: one parser
+            parser_kwargs = {"default_config_files": defaults}
         super().__init__(
             LightningModule,
             MetaVQADataModule,
             subclass_mode_model=True,
             args=args,
+            parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"inference_mode": False},
             auto_configure_optimizers=False,
@@ -59,12 +109,48 @@ class MetaVQACLI(LightningCLI):
         # sizes that follow from the dataset are linked, never typed twice in YAML
         parser.link_arguments("data.feature_dim", "model.init_args.feature_dim", apply_on="instantiate")
         parser.link_arguments("data.question_dim", "model.init_args.question_dim", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="after `fit`, run `test` on the best checkpoint (or the last weights)",
         )
+        parser.add_argument(
+            "--stage_dir",
+            type=str | None,
+            default=None,
+            help="write this stage's checkpoints, results.json/.md and (predict) adaptation dataset here",
+        )
+        parser.add_argument("--log_dir", type=str | None, default=None, help="TensorBoard folder of the run")
+        parser.add_argument("--log_name", type=str | None, default=None, help="TensorBoard run name")
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``--stage_dir``, ``--log_dir`` and ``--log_name`` to the parts that write files."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        logger = trainer.get("logger")
+        if logger not in (None, False, True) and hasattr(logger, "init_args"):
+            if cfg.get("log_dir") and "save_dir" in logger.init_args:
+                logger.init_args.save_dir = cfg.log_dir
+            if cfg.get("log_name") and "name" in logger.init_args:
+                logger.init_args.name = cfg.log_name
+        out = cfg.get("stage_dir")
+        if not out:
+            return
+        # what is set explicitly (--checkpoint.dirpath, the writer's out) wins; results_dir may come from a
+        # --ckpt_path's hyper-parameters, so only one typed on the command line does
+        if cfg.checkpoint.get("dirpath") is None:
+            cfg.checkpoint.dirpath = out
+        if trainer.get("default_root_dir") is None:
+            trainer.default_root_dir = out
+        for cb in trainer.get("callbacks") or []:
+            if getattr(cb, "class_path", None) == _WRITER and cb.init_args.get("out") is None:
+                cb.init_args.out = out
+        init = cfg.model.get("init_args")
+        if init is not None and "results_dir" in init and "results_dir" not in self._cli_model_keys:
+            init.results_dir = out
 
     def before_fit(self) -> None:
         # fail before the logger or a checkpoint folder is created
@@ -79,3 +165,67 @@ class MetaVQACLI(LightningCLI):
             return
         ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+
+
+def run_stage(argv: list[str]) -> int:
+    """Run one ``fit|validate|test|predict`` command (``argv`` starts with the verb).
+
+    Returns 0, or the exit code of ``--help``/``--print_config``; bad arguments and bad input raise one
+    :class:`MetaVQAError` naming the key, file or task.
+    """
+    from jsonargparse import ArgumentError
+
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    try:
+        MetaVQACLI(args=list(argv))
+    except ArgumentError as e:
+        raise ConfigError(_compact_argument_error(str(e))) from None
+    except SystemExit as e:  # --help, --print_config
+        return e.code if isinstance(e.code, int) else 0
+    except ValueError as e:
+        # jsonargparse wraps what a model's __init__ raises (e.g. a missing upstream checkpoint)
+        cause = _user_error_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
+    return 0
+
+
+def _user_error_cause(e: BaseException) -> MetaVQAError | None:
+    """The first :class:`MetaVQAError` in an exception's cause/context chain, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MetaVQAError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _compact_argument_error(msg: str) -> str:
+    """One line from jsonargparse's nested report: the full key (``model.variant``) and the cause."""
+    structural = (
+        "Does not validate",
+        "Subtypes:",
+        "Errors:",
+        "- Problem with given class_path",
+        "Given value",
+    )
+    stack: list[tuple[int, str]] = []
+    for line in msg.splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        m = re.match(r'(?:- )?Parser key "([^"]+)":?\s*(.*)', text)
+        if m:
+            stack.append((indent, m.group(1)))
+            if m.group(2):
+                return f"{'.'.join(k for _, k in stack)}: {m.group(2)}"
+            continue
+        if stack and not text.startswith(structural) and "NoneType" not in text:
+            return f"{'.'.join(k for _, k in stack)}: {text.lstrip('- ')}"
+    return msg.strip().splitlines()[0] if msg.strip() else msg

@@ -37,12 +37,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from meta_vqa.errors import ConfigError, MetaVQAError
+from meta_vqa.eval.methods import BASE_VARIANTS, GENERATORS, GUIDANCE, guided_method
 from meta_vqa.io import write_json
 
 log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
-BASE_VARIANTS = ("clip_zero_shot", "uncond_multitask", "cond_multitask", "cond_multitask_film", "mnet_maml")
 SPLITS = ("random", "family")
 PREPARERS = ("easy-vqa", "synthetic")
 STAMP, RUNNING = "stage.json", "stage.running.json"
@@ -115,25 +115,19 @@ def _validate(cfg: PipelineConfig, path: Path) -> None:
     def bad(key: str, value, allowed) -> None:
         raise ConfigError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
-    for s in cfg.splits:
-        if s not in SPLITS:
-            bad("splits", s, SPLITS)
-    for v in cfg.base_variants:
-        if v not in BASE_VARIANTS:
-            bad("base_variants", v, BASE_VARIANTS)
-    for g in cfg.generators:
-        if g not in ("hnet", "hvae"):
-            bad("generators", g, ("hnet", "hvae"))
-    for g in cfg.guidance:
-        if g not in ("hyperclip", "hyperldm"):
-            bad("guidance", g, ("hyperclip", "hyperldm"))
-    for k in cfg.args:
-        if k not in STAGE_KINDS:
-            bad("args", k, STAGE_KINDS)
-    if cfg.launcher not in ("inline", "process"):
-        bad("launcher", cfg.launcher, ("inline", "process"))
-    if cfg.data.prepare is not None and cfg.data.prepare not in PREPARERS:
-        bad("data.prepare", cfg.data.prepare, PREPARERS)
+    choices = [
+        ("splits", cfg.splits, SPLITS),
+        ("base_variants", cfg.base_variants, BASE_VARIANTS),
+        ("generators", cfg.generators, GENERATORS),
+        ("guidance", cfg.guidance, GUIDANCE),
+        ("args", list(cfg.args), STAGE_KINDS),
+        ("launcher", [cfg.launcher], ("inline", "process")),
+        ("data.prepare", [cfg.data.prepare] if cfg.data.prepare is not None else [], PREPARERS),
+    ]
+    for key, values, allowed in choices:
+        for value in values:
+            if value not in allowed:
+                bad(key, value, allowed)
     if cfg.seeds < 1:
         raise ConfigError(f"{path}: seeds: must be at least 1, got {cfg.seeds}")
     configs = Path(cfg.configs)
@@ -152,68 +146,32 @@ def _kinds_used(cfg: PipelineConfig) -> list[str]:
 
 
 # --- the plan ---------------------------------------------------------------------------------------
-def _trainer_wiring(config: Path, stage: Stage, out: Path, fit: bool) -> list[str]:
-    """Arguments that put a stage's checkpoints in its folder and its logs in the run's TensorBoard."""
-    try:
-        y = OmegaConf.load(config)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{config}: {e}") from None
-    trainer = y.get("trainer") or {}
-    args = []
-    if trainer.get("logger"):
-        args += ["--trainer.logger.init_args.save_dir", str(out / "lightning_logs")]
-        args += ["--trainer.logger.init_args.name", stage.name]
-    if fit:
-        callbacks = trainer.get("callbacks") or []
-        last = callbacks[-1].get("class_path", "") if callbacks else ""
-        if not last.endswith("ModelCheckpoint"):
-            raise ConfigError(
-                f"{config}: trainer.callbacks: the pipeline needs a ModelCheckpoint as the last callback "
-                "(it sets its dirpath and filename)"
-            )
-        args += ["--trainer.callbacks.init_args.dirpath", str(stage.dir)]
-        args += ["--trainer.callbacks.init_args.filename", "best"]
-        args += ["--trainer.callbacks.init_args.enable_version_counter", "false"]
-    return args
-
-
 def _seed_plan(cfg: PipelineConfig, r: Path) -> list[tuple[str, str, str, list[str], list[str]]]:
     """``(kind, name, verb, args, deps)`` of one split and seed, whose folder is ``r``."""
     ckpt = lambda stage: str(r / stage / "best.ckpt")
-    tested = lambda name: ["--test_after_fit", "true", "--model.init_args.results_dir", str(r / name)]
+    tested = ["--test_after_fit", "true"]
     steps = []
     for v in cfg.base_variants:
-        name = f"base/{v}"
-        args = ["--model.init_args.variant", v, *tested(name)]
         if v == "clip_zero_shot":  # nothing to train
-            steps.append(("base", name, "test", args[:2] + args[4:], []))
+            steps.append(("base", f"base/{v}", "test", ["--model.init_args.variant", v], []))
         else:
-            steps.append(("base", name, "fit", args, []))
-    steps.append(("hnet", "hnet", "fit", tested("hnet"), []))
-    adapt = ["--ckpt_path", ckpt("hnet"), "--trainer.default_root_dir", str(r / "adaptation")]
-    steps.append(
-        (
-            "adapt",
-            "adaptation",
-            "predict",
-            [*adapt, "--trainer.callbacks.init_args.out", str(r / "adaptation")],
-            ["hnet"],
-        )
-    )
+            steps.append(("base", f"base/{v}", "fit", ["--model.init_args.variant", v, *tested], []))
+    steps.append(("hnet", "hnet", "fit", tested, []))
+    steps.append(("adapt", "adaptation", "predict", ["--ckpt_path", ckpt("hnet")], ["hnet"]))
     data = ["--data.adaptation", str(r / "adaptation")]
     upstream = lambda gen: [*data, "--model.init_args.upstream_ckpt", ckpt(gen)]
     if "hvae" in cfg.generators:
-        steps.append(("hvae", "hvae", "fit", [*tested("hvae"), *upstream("hnet")], ["hnet", "adaptation"]))
+        steps.append(("hvae", "hvae", "fit", [*tested, *upstream("hnet")], ["hnet", "adaptation"]))
     for gen in cfg.generators:
         if "hyperclip" in cfg.guidance:
-            name = f"{gen}_hyperclip"
-            steps.append(("hyperclip", name, "fit", [*tested(name), *upstream(gen)], [gen, "adaptation"]))
+            name = guided_method(gen, "hyperclip")
+            steps.append(("hyperclip", name, "fit", [*tested, *upstream(gen)], [gen, "adaptation"]))
         if "hyperldm" in cfg.guidance:
-            name, deps = f"{gen}_hyperldm", [gen, "adaptation"]
-            args = [*tested(name), *upstream(gen)]
+            name, deps = guided_method(gen, "hyperldm"), [gen, "adaptation"]
+            args = [*tested, *upstream(gen)]
             if cfg.combined and "hyperclip" in cfg.guidance:
-                args += ["--model.init_args.hyperclip_ckpt", ckpt(f"{gen}_hyperclip")]
-                deps.append(f"{gen}_hyperclip")
+                args += ["--model.init_args.hyperclip_ckpt", ckpt(guided_method(gen, "hyperclip"))]
+                deps.append(guided_method(gen, "hyperclip"))
             steps.append(("hyperldm", name, "fit", args, deps))
     return steps
 
@@ -234,12 +192,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 st.outputs = ["adaptation.json"] if kind == "adapt" else ["results.json"]
                 if verb == "fit" and kind != "base":
                     st.outputs.append("best.ckpt")  # handed to the next stages
-                common = ["--data.root", cfg.data.root, "--data.split", split]
-                if kind != "adapt":  # the adaptation recipe has its own seed (data.adapt_seed)
+                common = ["--data.root", cfg.data.root, "--data.split", split, "--stage_dir", str(st.dir)]
+                if kind != "adapt":  # the adaptation recipe has its own seed (data.adapt_seed); no logs
                     common += ["--seed_everything", str(seed)]
                     common += ["--trainer.enable_progress_bar", str(cfg.progress_bar).lower()]
-                wiring = _trainer_wiring(config, st, out, fit=verb == "fit")
-                st.argv = [verb, "-c", str(config), *common, *wiring, *args, *cfg.args.get(kind, [])]
+                    common += ["--log_dir", str(out / "lightning_logs"), "--log_name", st.name]
+                st.argv = [verb, "-c", str(config), *common, *args, *cfg.args.get(kind, [])]
                 stages.append(st)
     return stages
 
@@ -253,11 +211,15 @@ def _read_json(path: Path) -> dict | None:
 
 
 def stage_hash(stage: Stage, upstream_runs: dict[str, str], data_digest: str) -> str:
-    """What a stage's result depends on: its command, its YAML's bytes, the data, its upstream runs."""
+    """What a stage's result depends on: its command, the bytes of its YAML and of the defaults it builds
+    on, the data, its upstream runs."""
+    from meta_vqa.lightning_cli import default_files
+
     h = hashlib.sha256()
-    config_bytes = stage.config.read_bytes() if stage.config and stage.config.is_file() else b""
     h.update(json.dumps([stage.argv, upstream_runs, data_digest], sort_keys=True).encode())
-    h.update(config_bytes)
+    if stage.config is not None and stage.config.is_file():
+        for path in [*default_files(stage.config), stage.config]:
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -272,14 +234,20 @@ def _retire(stage: Stage, out: Path, why: str) -> None:
     log.info("   %s: %s; moved the old folder to %s", stage.name, why, dest)
 
 
-def _launch(argv: list[str], launcher: str) -> int:
+def _launch(argv: list[str], launcher: str, what: str) -> int:
+    """Run one ``meta-vqa`` command: in this process (``inline``) or in a subprocess (``process``)."""
     if launcher == "process":
         return subprocess.run([sys.executable, "-m", "meta_vqa", *argv]).returncode
-    from meta_vqa.cli import main as cli_main
+    from meta_vqa.lightning_cli import run_stage
+    from meta_vqa.prepare import main as prepare_main
 
     try:
-        return cli_main(argv)
-    except SystemExit as e:  # argparse / jsonargparse exit on bad arguments
+        if argv[0] == "prepare":
+            return prepare_main(argv[1:])
+        return run_stage(argv)
+    except MetaVQAError as e:
+        raise type(e)(f"pipeline: {what}: {e}") from None
+    except SystemExit as e:  # argparse exits on bad arguments (it has printed why)
         return e.code if isinstance(e.code, int) else 1
 
 
@@ -309,7 +277,9 @@ class Pipeline:
         root = Path(d.root)
         if d.prepare is not None:
             t0 = time.time()
-            rc = _launch(["prepare", d.prepare, "--out", str(root), *d.prepare_args], self.cfg.launcher)
+            rc = _launch(
+                ["prepare", d.prepare, "--out", str(root), *d.prepare_args], self.cfg.launcher, "prepare"
+            )
             if rc != 0:
                 raise MetaVQAError(
                     f"pipeline: `meta-vqa prepare {d.prepare} --out {root}` failed (exit {rc})"
@@ -374,7 +344,7 @@ class Pipeline:
         started = dt.datetime.now().isoformat(timespec="seconds")
         write_json(st.dir / RUNNING, {"hash": h, "argv": argv, "started": started})
         t0 = time.time()
-        rc = _launch(argv, self.cfg.launcher)
+        rc = _launch(argv, self.cfg.launcher, f"stage {st.name}")
         wall = round(time.time() - t0, 1)
         if rc != 0:
             raise MetaVQAError(

@@ -21,7 +21,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset folder with learnable task structure (built once per session)."""
-    from meta_vqa.data.synthetic import make_synthetic
+    from meta_vqa.prepare.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
 
@@ -59,6 +59,6 @@ def smoke_hnet(synthetic_root, tmp_path_factory) -> dict:
         assert main([*args, "--test_after_fit", "true"]) == 0
     finally:
         os.chdir(cwd)
-    ckpt = next((work / "lightning_logs").rglob("best-*.ckpt"))
+    ckpt = next((work / "lightning_logs").rglob("best.ckpt"))
     records = json.loads((work / "results" / "results.json").read_text())
     return {"root": synthetic_root, "dir": work, "ckpt": ckpt, "results": records}

@@ -1,4 +1,4 @@
-"""The adaptation dataset (SPEC §4.2): subsets, the file contract, resuming without duplicates."""
+"""The adaptation dataset (the authors' precomputed adaptations): subsets, the file contract, resuming without duplicates."""
 
 import json
 import math
@@ -58,7 +58,7 @@ def _predict(hnet, out, *extra) -> int:
     os.chdir(Path(out).parent)
     args = ["predict", "-c", ADAPT, "--data.root", str(hnet["root"]), "--ckpt_path", str(hnet["ckpt"])]
     args += ["--data.adapt_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false"]
-    args += ["--trainer.callbacks.init_args.out", str(out), *extra]
+    args += ["--stage_dir", str(out), *extra]
     return main(args)
 
 
@@ -94,7 +94,7 @@ def test_file_contract_and_values(smoke_hnet, uninterrupted):
     # the stored support-test latents are the HNet's latents adapted on the support split
     batch = dm.to_batch(next(iter(dm.loader("test", batch_size=100))))
     with torch.enable_grad():
-        z = stage.adapt_latents(batch, InnerLoop(5, 0.1))
+        z = stage.support_latents(batch, InnerLoop(5, 0.1))
     stored, ids = data.support("test")[:2]
     row = {t: i for i, t in enumerate(ids.tolist())}
     stored = stored[[row[t] for t in batch.task.tolist()]]  # the loader may order tasks differently
@@ -160,12 +160,7 @@ def test_writer_needs_the_adaptation_mode_and_a_checkpoint(smoke_hnet, tmp_path,
     assert _predict(smoke_hnet, tmp_path / "x", "--data.predict_split", "test") == 2
     assert "data.predict_split" in capfd.readouterr().err
     args = ["predict", "-c", ADAPT, "--data.root", str(smoke_hnet["root"])]
-    args += [
-        "--trainer.callbacks.init_args.out",
-        str(tmp_path / "y"),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
+    args += ["--stage_dir", str(tmp_path / "y"), "--trainer.enable_progress_bar", "false"]
     assert main(args) == 2
     assert "--ckpt_path" in capfd.readouterr().err
 

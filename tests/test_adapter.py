@@ -11,7 +11,7 @@ from meta_vqa.nets.hypernet import MLP, FiLMGenerator
 
 def test_paper_parameter_count_and_layout():
     a = ResidualAdapter(768, 256)
-    assert a.num_params == 394_240  # SPEC §3
+    assert a.num_params == 394_240  # the paper: D = 394,240
     w = torch.arange(a.num_params, dtype=torch.float64)
     w1, w2, b1, b2 = a.split(w)
     assert w1.shape == (256, 768) and w2.shape == (768, 256) and b1.shape == (256,) and b2.shape == (768,)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meta_vqa.cli import _compact_argument_error, main
+from meta_vqa.cli import main
+from meta_vqa.lightning_cli import _compact_argument_error
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "conf" / "smoke" / "base.yaml")

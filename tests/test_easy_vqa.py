@@ -15,12 +15,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from meta_vqa.data import easy_vqa as ev  # noqa: E402
+from meta_vqa.data import easy_vqa_questions as rules  # noqa: E402
 from meta_vqa.data.features import MANIFEST, FeatureStore, read_manifest, verify_manifest  # noqa: E402
 from meta_vqa.data.tasks import fill_prompt, load_prompts, load_tasks, split_tasks  # noqa: E402
 from meta_vqa.errors import DataError  # noqa: E402
 from meta_vqa.io import sha256_file  # noqa: E402
 from meta_vqa.nets.clip import ClipConfig, load_clip  # noqa: E402
+from meta_vqa.prepare import easy_vqa as ev  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +47,24 @@ def test_every_question_has_a_template_and_family(package: ev.PackageData) -> No
     for q, a, _ in package.qa:
         answers.setdefault(q, set()).add(a)
     for q, seen in answers.items():
-        template = ev.prompt_template(q)
+        template = rules.prompt_template(q)
         assert template.count("{}") == 1, q
-        assert ev.question_family(q) in ev.FAMILIES
+        assert rules.question_family(q) in rules.FAMILIES
         filled = {a: fill_prompt(template, a) for a in seen}
         assert all("{" not in s and "?" not in s and s.split()[-1] for s in filled.values())
         assert len(set(filled.values())) == len(seen), q  # answers stay distinguishable
         if _is_negated(q):
             assert "not" in template.split() or "no" in template.split(), template
-    assert ev.prompt_template("What color is the bowl?") == "the bowl is {}"
-    assert ev.prompt_template("what is the blue shape?") == "the blue shape is a {}"
-    assert fill_prompt(ev.prompt_template("is there not a circle?"), "yes") == (
+    assert rules.prompt_template("What color is the bowl?") == "the bowl is {}"
+    assert rules.prompt_template("what is the blue shape?") == "the blue shape is a {}"
+    assert fill_prompt(rules.prompt_template("is there not a circle?"), "yes") == (
         "the answer to whether there is not a circle is yes"
     )
 
 
 def test_question_without_rule_raises_naming_it() -> None:
     with pytest.raises(DataError, match="'how many shapes are there\\?' matches no rule"):
-        ev.prompt_template("how many shapes are there?")
+        rules.prompt_template("how many shapes are there?")
 
 
 def test_build_tasks_follows_the_recipe() -> None:

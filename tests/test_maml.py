@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meta_vqa.meta.maml import InnerLoop, adapt, chunk_slices
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.meta.maml import InnerLoop, adapt, meta_gradient, plan_chunks
 from meta_vqa.nets.adapter import ResidualAdapter, task_losses
 
 torch.manual_seed(0)
@@ -74,18 +75,21 @@ def test_batched_meta_gradient_equals_per_task_loop(first_order, chunk_size):
     xs, ys, ms, xq, yq, mq, answers = tasks
     B = xs.shape[0]
     loop = InnerLoop(steps=3, lr=0.05, first_order=first_order)
-    outer_losses = []
-    for sl in chunk_slices(B, chunk_size):
-
-        def inner(p, sl=sl):
-            return task_losses(adapter(p, xs[sl], answers[sl]), ys[sl], ms[sl])
-
-        adapted = adapt(w0.expand(len(range(*sl.indices(B))), -1), inner, loop)
-        losses = task_losses(adapter(adapted, xq[sl], answers[sl]), yq[sl], mq[sl])
-        (losses.sum() / B).backward()
-        outer_losses.append(losses.detach())
+    batch = TaskBatch(
+        torch.arange(B), torch.zeros(B, DIM, dtype=torch.double), answers,
+        torch.ones(answers.shape[:2], dtype=torch.bool), xs, ys, ms, xq, yq, mq,
+    )  # fmt: skip
+    stats = meta_gradient(
+        batch.chunks(chunk_size),
+        lambda c: w0.expand(len(c), -1),
+        lambda p: p,
+        adapter,
+        loop,
+        "support",
+        "query",
+    )
     ref_grad, ref_losses = reference_meta_grad(w0, tasks, loop.steps, loop.lr, first_order)
-    torch.testing.assert_close(torch.cat(outer_losses), ref_losses.double(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stats.loss, ref_losses.double().mean(), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(w0.grad, ref_grad, rtol=1e-7, atol=1e-9)
     assert w0.grad.abs().sum() > 0
 
@@ -138,6 +142,10 @@ def test_batched_adam_equals_torch_adam_per_task():
         torch.testing.assert_close(adapted[b], p.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_chunk_slices_cover_everything_once():
-    assert [(s.start, s.stop) for s in chunk_slices(7, 3)] == [(0, 3), (3, 6), (6, 7)]
-    assert [(s.start, s.stop) for s in chunk_slices(4, None)] == [(0, 4)]
+def test_chunk_plan_covers_every_task_once_and_bounds_padding():
+    assert plan_chunks([5, 1, 4, 2], None) == [[0, 1, 2, 3]]  # no limit: one chunk in batch order
+    assert plan_chunks([5, 1, 4, 2], 2) == [[1, 3], [2, 0]]  # by size, at most 2 per chunk
+    # a long-tailed task closes the chunk: padding 3 small tasks to 100 would be far over 1.5x
+    assert plan_chunks([10, 10, 10, 100], 4) == [[0, 1, 2], [3]]
+    groups = plan_chunks(list(range(1, 30)), 4)
+    assert sorted(i for g in groups for i in g) == list(range(29)) and max(map(len, groups)) <= 4

@@ -12,7 +12,7 @@ import torch
 from meta_vqa.cli import main
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.diffusion.guidance import optimize_latents
-from meta_vqa.stages.generator import control_questions
+from meta_vqa.stages.guidance import control_questions
 from meta_vqa.stages.hyperldm import HyperLDMStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def guided(smoke_hnet, tmp_path_factory):
                     "--ckpt_path",
                     str(hnet),
                     *common[:2],
-                    "--trainer.callbacks.init_args.out",
+                    "--stage_dir",
                     str(work / "adaptation"),
                 ]
             )
@@ -77,7 +77,7 @@ def guided(smoke_hnet, tmp_path_factory):
             )
             == 0
         )
-        clip_ckpt = next((work / "lightning_logs" / "hyperclip").rglob("best-*.ckpt"))
+        clip_ckpt = next((work / "lightning_logs" / "hyperclip").rglob("best.ckpt"))
         assert (
             main(
                 [
@@ -98,7 +98,7 @@ def guided(smoke_hnet, tmp_path_factory):
             )
             == 0
         )
-        ldm_ckpt = next((work / "lightning_logs" / "hyperldm").rglob("final-*.ckpt"))
+        ldm_ckpt = next((work / "lightning_logs" / "hyperldm").rglob("best.ckpt"))
     finally:
         os.chdir(cwd)
     return {

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from meta_vqa.cli import main
 from meta_vqa.data.features import save_tensors
 from meta_vqa.io import sha256_file, write_json
-from meta_vqa.stages.handoff import LatentGenerator
+from meta_vqa.stages.generator import LatentGenerator
 from meta_vqa.stages.hvae import HVAEStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,12 +40,12 @@ def chain(smoke_hnet, tmp_path_factory, monkeypatch_module):
     shutil.copy(smoke_hnet["ckpt"], hnet_ckpt)
     adaptation = work / "adaptation"
     args = ["predict", "-c", ADAPT, "--data.root", str(smoke_hnet["root"]), "--ckpt_path", str(hnet_ckpt)]
-    assert main([*args, "--trainer.callbacks.init_args.out", str(adaptation)]) == 0
+    assert main([*args, "--stage_dir", str(adaptation)]) == 0
     chain = {"root": smoke_hnet["root"], "hnet_ckpt": hnet_ckpt, "adaptation": adaptation, "work": work}
     out = work / "hvae_results"
     assert main(_hvae_args(chain, "--model.init_args.results_dir", str(out), "--test_after_fit", "true")) == 0
     chain["results"] = json.loads((out / "results.json").read_text())
-    chain["hvae_ckpt"] = next((work / "lightning_logs").rglob("best-*.ckpt"))
+    chain["hvae_ckpt"] = next((work / "lightning_logs").rglob("best.ckpt"))
     chain["hnet_results"] = smoke_hnet["results"]
     return chain
 
@@ -136,6 +136,24 @@ def test_bad_inputs_are_one_error_line(chain, smoke_hnet, tmp_path, monkeypatch,
     # a missing adaptation dataset
     assert main(_hvae_args(dict(ok, adaptation=tmp_path / "none"))) == 2
     assert "adaptation dataset not found" in _one_error_line(capfd)
+
+
+@pytest.mark.parametrize("stage", ["hvae", "hyperclip", "hyperldm"])
+def test_every_stage_refuses_an_adaptation_dataset_of_another_hnet(
+    stage, chain, smoke_hnet, tmp_path, monkeypatch, capfd
+):
+    """One hand-off check for every stage that reads an adaptation dataset (latent size and HNet sha256)."""
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(chain["adaptation"], other)
+    meta = json.loads((other / "adaptation.json").read_text())
+    meta["upstream"]["sha256"] = "0" * 64  # made from some other HNet checkpoint
+    write_json(other / "adaptation.json", meta)
+    args = ["fit", "-c", str(REPO / "conf" / "smoke" / f"{stage}.yaml"), "--data.root", str(chain["root"])]
+    args += ["--model.init_args.upstream_ckpt", str(smoke_hnet["ckpt"]), "--data.adaptation", str(other)]
+    assert main([*args, "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]) == 2
+    line = _one_error_line(capfd)
+    assert str(other) in line and "sha256 000000000000" in line and str(smoke_hnet["ckpt"]) in line
 
 
 def test_normalized_weights_round_trip_and_travel_with_the_checkpoint(smoke_hnet):

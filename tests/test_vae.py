@@ -1,4 +1,4 @@
-"""HVAE network and loss (SPEC §4.3) against hand computations."""
+"""HVAE network and loss against hand computations."""
 
 import math
 

@@ -1,6 +1,6 @@
 """``meta-vqa bench NAME``: performance figures measured against the straightforward baseline in one run.
 
-Each figure is printed as one JSON object (``--json``) with the keys of DESIGN.md "Benchmarks":
+Each figure is printed as one JSON object (``--json``) with the keys
 ``bench, figure, value, unit, baseline_value, ratio, device, config``; ``ratio`` > 1 means ours is better.
 """
 

@@ -1,11 +1,11 @@
-"""Bench: HNet-MAML at paper scale, batched over tasks vs a per-task loop (SPEC §4.1, §4.2).
+"""Bench: HNet-MAML at paper scale, batched over tasks vs a per-task loop.
 
 Two figures, each measured against the straightforward per-task loop in the same run on the same tasks:
 
 * ``meta_train_tasks_per_s``: one meta-step (inner loop over the latent + outer backward to θ and z0)
-  through the stage's own ``_outer_losses``; the baseline feeds the tasks one at a time, unpadded.
+  through the stage's own ``meta_gradient``; the baseline feeds the tasks one at a time, unpadded.
 * ``adapted_latents_per_s``: the adaptation dataset's inner loop (10 SGD steps from z0 on each task's
-  data) through ``HNetStage.adapt_latents``, batched vs one task per call.
+  data) through ``HNetStage.support_latents``, batched vs one task per call.
 
 Also the peak memory of each side (CUDA allocator, or resident-set growth on CPU). Task sizes are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
 """
@@ -18,23 +18,15 @@ import numpy as np
 import torch
 
 from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
-from meta_vqa.bench.maml import draw_sizes, make_batch
+from meta_vqa.bench.maml import add_scale_arguments, draw_sizes, make_batch
 from meta_vqa.meta.maml import InnerLoop
 from meta_vqa.stages.hnet import HNetStage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch / adaptation call")
-    p.add_argument("--steps", type=int, default=10, help="inner steps")
-    p.add_argument("--dim", type=int, default=768, help="CLIP feature width (768: D = 394,240)")
-    p.add_argument("--hidden", type=int, default=256, help="adapter hidden width")
+    add_scale_arguments(p, repeats=2)
     p.add_argument("--latent", type=int, default=128, help="latent size")
     p.add_argument("--hnet-hidden", type=int, nargs="+", default=[128, 128, 128], help="HNet hidden widths")
-    p.add_argument("--chunk-size", type=int, default=8, help="tasks per batched chunk (0 = all at once)")
-    p.add_argument("--second-order", action="store_true", help="second-order MAML instead of first-order")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per side (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -59,9 +51,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def meta_grad(chunks) -> torch.Tensor:
         stage.zero_grad(set_to_none=True)
-        for c in chunks:
-            losses, _, _, _ = stage._outer_losses(c)
-            (losses.sum() / B).backward()
+        stage.meta_gradient(chunks)
         return torch.cat([p.grad.flatten() for p in params])
 
     def batched() -> torch.Tensor:
@@ -73,10 +63,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     loop = InnerLoop(args.steps, 0.1, True)
 
     def adapt_batched() -> torch.Tensor:
-        return stage.adapt_latents(batch, loop)
+        return stage.support_latents(batch, loop)
 
     def adapt_per_task() -> torch.Tensor:
-        return torch.cat([stage.adapt_latents(one, loop) for one in singles])
+        return torch.cat([stage.support_latents(one, loop) for one in singles])
 
     g_b, g_l = batched(), per_task()
     grad_diff = ((g_b - g_l).abs().max() / g_l.abs().max().clamp(min=1e-12)).item()

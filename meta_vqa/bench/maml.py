@@ -1,8 +1,8 @@
 """Bench: meta-training throughput of the batched MAML step vs a per-task loop, at paper scale.
 
-Both sides run the stage's own code path (``BaseStage._outer_losses`` + backward) on the same tasks;
+Both sides run the stage's own code path (``BaseStage.meta_gradient``) on the same tasks;
 the baseline feeds the tasks one at a time, unpadded, the way the authors' code did.
-Task sizes are drawn like Meta-VQA's meta-train tasks (quantiles of the real task files, SPEC §2.3).
+Task sizes are drawn like Meta-VQA's meta-train tasks (quantiles of the real task files).
 """
 
 from __future__ import annotations
@@ -58,16 +58,21 @@ def make_batch(
     return TaskBatch(**{k: v.to(device) for k, v in vars(batch).items()})
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch")
+def add_scale_arguments(p: argparse.ArgumentParser, repeats: int) -> None:
+    """The paper-scale MAML settings shared by the ``maml`` and ``hnet`` benches."""
+    p.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch / adaptation call")
     p.add_argument("--steps", type=int, default=10, help="inner steps")
     p.add_argument("--dim", type=int, default=768, help="CLIP feature width (768: D = 394,240)")
     p.add_argument("--hidden", type=int, default=256, help="adapter hidden width")
     p.add_argument("--chunk-size", type=int, default=8, help="tasks per batched chunk (0 = all at once)")
     p.add_argument("--second-order", action="store_true", help="second-order MAML instead of first-order")
-    p.add_argument("--repeats", type=int, default=3, help="timed meta-steps per side (median reported)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed calls per side (median reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_scale_arguments(p, repeats=3)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -86,19 +91,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     B = len(batch)
     singles = [batch.select(torch.tensor([i], device=device)) for i in range(B)]
 
-    def batched() -> torch.Tensor:
+    def meta_grad(chunks) -> torch.Tensor:
         stage.zero_grad(set_to_none=True)
-        for chunk in batch.chunks(args.chunk_size or None):
-            losses, _, _ = stage._outer_losses(chunk)
-            (losses.sum() / B).backward()
+        stage.meta_gradient(chunks)
         return stage.w0.grad.clone()
 
+    def batched() -> torch.Tensor:
+        return meta_grad(batch.chunks(args.chunk_size or None))
+
     def per_task() -> torch.Tensor:
-        stage.zero_grad(set_to_none=True)
-        for one in singles:
-            losses, _, _ = stage._outer_losses(one)
-            (losses.sum() / B).backward()
-        return stage.w0.grad.clone()
+        return meta_grad(singles)
 
     g_batched, g_loop = batched(), per_task()
     grad_diff = (g_batched - g_loop).abs().max().item() / max(g_loop.abs().max().item(), 1e-12)

@@ -15,7 +15,6 @@ import torch
 from meta_vqa.bench import figure, resolve_device, timed
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.errors import MetaVQAError
-from meta_vqa.stages.generator import query_accuracy
 from meta_vqa.stages.hyperldm import HyperLDMStage
 
 
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
 
         seconds[kind] = timed(go, device, args.repeats)
-    acc = {k: query_accuracy(model.generator, z, batch).mean().item() for k, z in latents.items()}
+    acc = {k: model.generator.query_accuracy(z, batch).mean().item() for k, z in latents.items()}
     config = {
         "tasks": len(batch),
         "gamma": args.gamma,

@@ -1,4 +1,5 @@
-"""Adaptation jobs: what ``predict`` iterates over to build the adaptation dataset (SPEC §4.2).
+"""Adaptation jobs: what ``predict`` iterates over to build the adaptation dataset (the authors'
+"precompute adaptation" step).
 
 A *job* is one set of tasks whose latents are adapted and written together:
 
@@ -28,7 +29,7 @@ SUPPORT_SETS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class AdaptationRecipe:
-    """How the adaptation dataset is made (SPEC §4.2: 100 epochs, 10 SGD steps at lr 0.1, f ∈ [2/3, 1))."""
+    """How the adaptation dataset is made (the paper: 100 epochs, 10 SGD steps at lr 0.1, f ∈ [2/3, 1))."""
 
     epochs: int = 100
     min_fraction: float = 2 / 3

@@ -9,9 +9,12 @@ Python runs per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from meta_vqa.meta.maml import plan_chunks
 
 
 def _pad(rows: list[list[int]], value: int = -1) -> Tensor:
@@ -132,30 +135,21 @@ class TaskBatch:
             query_mask=self.query_mask[:, :q],
         )
 
-    def chunks(self, size: int | None, max_padding: float = 1.5) -> list[TaskBatch]:
-        """Split into chunks of at most ``size`` tasks of similar size, each trimmed to its largest task.
+    def chunked(
+        self, size: int | None, by: Literal["all", "support"] = "all", max_padding: float = 1.5
+    ) -> list[tuple[Tensor, TaskBatch]]:
+        """``(indices, chunk)`` pairs: at most ``size`` tasks of similar size per chunk, each trimmed to
+        its largest task (:func:`meta_vqa.meta.maml.plan_chunks`); ``by`` is the size that pads (support
+        and query examples, or the support set alone when only the support set is used)."""
+        n = self.support_mask.sum(1) + (self.query_mask.sum(1) if by == "all" else 0)
+        groups = plan_chunks(n.tolist(), size, max_padding)
+        if groups == [list(range(len(self)))]:  # one chunk in batch order: no copy needed
+            return [(torch.arange(len(self), device=self.device), self.trim())]
+        return [(idx, self.select(idx)) for idx in (torch.tensor(g, device=self.device) for g in groups)]
 
-        Tasks are taken in order of size (support + query examples); a chunk is closed early when adding
-        the next task would make it hold more than ``max_padding`` times its real examples. Meta-VQA's
-        sizes are long-tailed (a few tasks have 30x the median), and count-only chunks padded every task
-        of the last chunk to the largest one: 3x the work of the real examples.
-        """
-        if not size or size <= 0 or len(self) <= 1:
-            return [self.trim()]
-        n = self.support_mask.sum(1) + self.query_mask.sum(1)
-        order = n.argsort(stable=True).tolist()
-        sizes = n.tolist()
-        groups: list[list[int]] = []
-        real = 0
-        for i in order:
-            g = groups[-1] if groups else None
-            if g is not None and len(g) < size and (len(g) + 1) * sizes[i] <= max_padding * (real + sizes[i]):
-                g.append(i)
-                real += sizes[i]
-            else:
-                groups.append([i])
-                real = sizes[i]
-        return [self.select(torch.tensor(g, device=self.support_mask.device)) for g in groups]
+    def chunks(self, size: int | None, max_padding: float = 1.5) -> list[TaskBatch]:
+        """The chunks of :meth:`chunked` by support and query size, without their indices."""
+        return [chunk for _, chunk in self.chunked(size, "all", max_padding)]
 
     def subsample(
         self, max_support: int | None, max_query: int | None, generator: torch.Generator | None = None

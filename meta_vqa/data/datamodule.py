@@ -49,7 +49,7 @@ def validation_slice(n: int, fraction: float, seed: int) -> list[int]:
 
 
 class MetaVQADataModule(L.LightningDataModule):
-    """Meta-VQA tasks over a feature store (DESIGN.md "Data contracts").
+    """Meta-VQA tasks over a feature store.
 
     Batches are :class:`TaskBatch` objects: support/query image features, labels, answer-prompt
     features and masks of several tasks, gathered on the device from one resident feature matrix.
@@ -63,7 +63,7 @@ class MetaVQADataModule(L.LightningDataModule):
         val_fraction: share of the meta-train tasks held out, seeded, for model selection.
         val_seed: seed of that choice.
         predict_split: the task set ``predict`` iterates over; ``adaptation``: the jobs that make the
-            adaptation dataset (SPEC §4.2; see :mod:`meta_vqa.data.adaptation`).
+            adaptation dataset (see :mod:`meta_vqa.data.adaptation`).
         verify: check every file's sha256 against the manifest when loading.
         adapt_epochs: epochs of the adaptation dataset (random-subset adaptations of every train task).
         adapt_min_fraction: subsets keep ⌈N·f⌉ of a task's N examples, f ~ U[adapt_min_fraction, 1).

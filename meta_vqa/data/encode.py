@@ -1,6 +1,7 @@
 """Encoding with an open_clip model: images, questions and answer prompts into the feature store.
 
-Features are the raw (un-normalised) float32 outputs of ``encode_image`` / ``encode_text`` (SPEC §2.4).
+Features are the raw (un-normalised) float32 outputs of ``encode_image`` / ``encode_text``, as the
+authors stored them.
 Images are decoded once into a uint8 tensor; the model input is that tensor scaled and normalised, which
 equals the PIL preprocessing of :func:`meta_vqa.nets.clip.build_preprocess` for images already at the
 model's resolution (checked by a test), and is far faster than a per-image transform.

@@ -10,12 +10,11 @@ Layout of ``<root>/features/<encoder>/``:
 
 ``<root>/dataset.json`` records the encoder, the dimensions, the counts, the builder version and the
 sha256 of every file, so a consumer can tell a complete, valid dataset from a half-written one.
-Features are stored un-normalised in float32 (SPEC §2.4). Never pickles.
+Features are stored un-normalised in float32, as the authors stored them. Never pickles.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meta_vqa.errors import DataError
-from meta_vqa.io import atomic_write, sha256_file, write_json
+from meta_vqa.io import atomic_write, read_json, sha256_file, write_json
 
 MANIFEST = "dataset.json"
 KINDS = ("images", "questions", "answers")
@@ -94,10 +93,7 @@ def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: dataset manifest not found (build the dataset with `meta-vqa prepare`)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, "dataset manifest")
 
 
 def verify_manifest(root: str | Path, manifest: dict | None = None) -> list[str]:
@@ -125,12 +121,7 @@ def _load_matrix(path: Path, key: str = "features") -> torch.Tensor:
 
 
 def _load_ids(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path}: id list not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, "id list")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The adaptation dataset on disk (DESIGN.md "Adaptation dataset") and the latent batches read from it.
+"""The adaptation dataset on disk and the latent batches read from it.
 
 ``<out>/adaptation.safetensors``:
 
@@ -17,7 +17,6 @@ sidecar exists and the hash matches. While it is being made, finished jobs live 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import Tensor
 from meta_vqa.data.adaptation import SUPPORT_SETS, AdaptationJob
 from meta_vqa.data.features import save_tensors
 from meta_vqa.errors import DataError
-from meta_vqa.io import sha256_file, write_json
+from meta_vqa.io import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,10 @@ def read_run(out: str | Path) -> dict | None:
     """The fingerprint of the run that wrote the parts (or of the finished dataset), if any."""
     for path in (Path(out) / SIDECAR, parts_dir(out) / RUN_FILE):
         if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))["config"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise DataError(f"{path}: unreadable adaptation metadata ({e})") from None
+            rec = read_json(path, "adaptation metadata")
+            if not isinstance(rec, dict) or "config" not in rec:
+                raise DataError(f"{path}: unreadable adaptation metadata (no 'config')")
+            return rec["config"]
     return None
 
 
@@ -151,10 +150,7 @@ class AdaptationData:
             raise DataError(f"{data_file}: adaptation dataset not found{hint}")
         if not sidecar.is_file():
             raise DataError(f"{sidecar}: sidecar missing; the adaptation dataset is incomplete")
-        try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{sidecar}: not valid JSON ({e})") from None
+        meta = read_json(sidecar, "adaptation sidecar")
         if meta.get("format") != FORMAT:
             raise DataError(f"{sidecar}: format {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("sha256", {}).get(DATA_FILE) != sha256_file(data_file):
@@ -261,8 +257,8 @@ class EpochBatches(torch.utils.data.Sampler):
 
     The choice depends only on ``(seed, pass)`` (Lightning calls :meth:`set_epoch`), so every DDP rank
     draws the same epoch and permutation and keeps every ``world_size``-th batch (all ranks the same
-    number), and a resumed run continues the same sequence (SPEC §4.3: one precompute epoch per VAE
-    epoch, 27 batches of 32).
+    number), and a resumed run continues the same sequence (as the authors: one adaptation epoch per
+    training epoch, e.g. 27 batches of 32).
     """
 
     def __init__(self, epochs: int, tasks: int, batch_size: int, seed: int = 0):

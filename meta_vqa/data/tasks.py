@@ -1,6 +1,6 @@
 """Meta-VQA task files: loading, validation, the authors' split recipe and statistics.
 
-A task file keeps the authors' schema (SPEC §2.2) so their published files load unchanged::
+A task file keeps the authors' schema so their published files load unchanged::
 
     {question: {"train": [[image_id, answer], ...], "test": [...], "answers": [a_1, ..., a_K]}}
 
@@ -10,7 +10,6 @@ answer in ``"answers"``.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meta_vqa.errors import DataError
-from meta_vqa.io import write_json
+from meta_vqa.io import read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -84,13 +83,7 @@ def parse_task(question: str, entry: object, source: str = "<memory>") -> Task:
 def load_tasks(path: str | Path) -> list[Task]:
     """Load and validate a task file; errors name the file and the task."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: task file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "task file")
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object mapping questions to tasks")
     if not raw:
@@ -106,12 +99,7 @@ def save_tasks(path: str | Path, tasks: Iterable[Task]) -> None:
 def load_prompts(path: str | Path, questions: Iterable[str] | None = None) -> dict[str, str]:
     """Load ``{question: template}``; each template has exactly one ``{}`` slot for the answer."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: prompt file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "prompt file")
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object mapping questions to templates")
     for q, tpl in raw.items():
@@ -124,11 +112,11 @@ def load_prompts(path: str | Path, questions: Iterable[str] | None = None) -> di
 
 
 def fill_prompt(template: str, answer: str) -> str:
-    """The answer prompt of SPEC §2.4: the template filled with the answer (underscores as spaces)."""
+    """The answer prompt of the paper's features: the template filled with the answer (underscores as spaces)."""
     return template.replace("{}", answer.replace("_", " "))
 
 
-# --- the authors' recipe (SPEC §2.1 steps 4-7) --------------------------------------------------
+# --- the authors' recipe: support/query split per answer, task split --------------------------------------------------
 
 
 def split_support_query(
@@ -157,7 +145,7 @@ def split_tasks(tasks: Sequence[Task], seed: int = 2021, train_fraction: float =
 
 
 def task_statistics(tasks: Sequence[Task]) -> dict:
-    """Counts of SPEC §2.3 for one task set (tasks, pairs, sizes, chance and majority baselines)."""
+    """The statistics the paper reports for one task set (tasks, pairs, sizes, chance and majority baselines)."""
     if not tasks:
         return {"tasks": 0}
     n_ans = [t.num_answers for t in tasks]

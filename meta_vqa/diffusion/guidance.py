@@ -1,6 +1,6 @@
 """Guidance for the reverse process: classifier-free (CFG), classifier (HyperCLIP), and both together.
 
-* CFG (SPEC §4.6): ε̂ = (1 − γ)·ε(x, t, ∅) + γ·ε(x, t, c). γ = 0 is the unconditional model and γ = 1
+* CFG (the paper's HyperLDM sampling): ε̂ = (1 − γ)·ε(x, t, ∅) + γ·ε(x, t, c). γ = 0 is the unconditional model and γ = 1
   the conditional one; those two cases run a single forward pass, so they equal the plain samples exactly.
 * Classifier guidance in score form (Dhariwal & Nichol 2021, "condition_score"):
   ε̂ ← ε̂ − s·√(1 − ᾱ_t)·∇_{x_t} log p(c | x_t). Our "classifier" is HyperCLIP's cosine between the
@@ -80,7 +80,7 @@ def optimize_latents(
     cosine_lr: bool = False,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """HyperCLIP classifier guidance by optimisation (SPEC §4.5), every task at once.
+    """HyperCLIP classifier guidance by optimisation (the paper's guidance), every task at once.
 
     Minimises ``−score(z) + (λ/2)·||z − z_init||²`` per row with Adam (elementwise, so one optimiser over
     ``[B, d]`` is B independent ones); ``langevin`` > 0 adds ε·N(0, I)/√lr to each gradient.

@@ -1,4 +1,4 @@
-"""Noise schedules and samplers: diffusers schedulers behind a small adapter (SPEC §4.6).
+"""Noise schedules and samplers: diffusers schedulers behind a small adapter.
 
 The cosine schedule with T = 1000 is diffusers' ``squaredcos_cap_v2`` (s = 0.008, β clipped at 0.999),
 the same ᾱ(t) as the paper. ``clip_sample=False`` everywhere: latents are standardised, not bounded.

@@ -1,11 +1,11 @@
-"""Zero-shot and few-shot evaluation on batches of tasks (SPEC §4.7), shared by every stage.
+"""Zero-shot and few-shot evaluation on batches of tasks (the paper's protocol), shared by every stage.
 
 Few-shot variants:
 * ``"full"``: fine-tune on the whole support set.
 * ``k`` in 1..N (the n-shot trials): keep only the answers with at least N support examples (in support
   and query; the label space keeps all K answers), use the first k examples per kept answer of a seeded
   per-task permutation, fine-tune, score on the filtered query set. A task takes part only if at least
-  two of its answers are kept. This fixes SPEC §9.1 item 13: eligibility is decided on the *filtered*
+  two of its answers are kept. Unlike the authors' code, eligibility is decided on the *filtered*
   answers and the permutation seed is really used.
 """
 
@@ -80,6 +80,76 @@ def majority_correct(batch: TaskBatch, support_mask: Tensor, query_mask: Tensor)
     return ((batch.query_y == top.unsqueeze(1)) & query_mask).sum(1)
 
 
+Weights = Callable[[Tensor], Tensor]  # per-task parameters [B, P] -> flat adapter weights [B, D]
+
+
+def _identity(p: Tensor) -> Tensor:
+    return p
+
+
+def fine_tune(
+    adapter: ResidualAdapter,
+    batch: TaskBatch,
+    init: Tensor,
+    loop: InnerLoop,
+    to_weights: Weights | None = None,
+    support: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``init`` [B, P] fine-tuned by ``loop`` on each task's support examples (detached result).
+
+    ``support``: ``(x, y, mask)`` to fine-tune on instead of the batch's support split (e.g. a k-shot
+    subset); ``to_weights`` maps parameters to adapter weights (identity: they are weights).
+    """
+    to_w = to_weights or _identity
+    sx, sy, sm = support if support is not None else (batch.support_x, batch.support_y, batch.support_mask)
+
+    def inner_loss(p: Tensor) -> Tensor:
+        return task_losses(adapter(to_w(p), sx, batch.answers, batch.answer_mask), sy, sm)
+
+    return adapt(init.detach(), inner_loss, loop, track_meta_grad=False)
+
+
+def adapt_on_support(
+    adapter: ResidualAdapter,
+    batch: TaskBatch,
+    init: Tensor,
+    loop: InnerLoop,
+    to_weights: Weights | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """:func:`fine_tune` on the support split, run in chunks of at most ``chunk_size`` tasks of similar
+    support size (bounded memory, little padding); rows come back in the batch's task order."""
+    parts = batch.chunked(chunk_size, by="support")
+    if len(parts) == 1:
+        return fine_tune(adapter, parts[0][1], init, loop, to_weights)
+    out = torch.empty_like(init, dtype=init.dtype)
+    for idx, chunk in parts:
+        out[idx] = fine_tune(adapter, chunk, init[idx], loop, to_weights)
+    return out
+
+
+def query_hits(
+    adapter: ResidualAdapter,
+    batch: TaskBatch,
+    params: Tensor,
+    to_weights: Weights | None = None,
+    query_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-task ``(correct, total)`` on the query split (or the examples of ``query_mask``)."""
+    to_w = to_weights or _identity
+    with torch.no_grad():
+        logits = adapter(to_w(params), batch.query_x, batch.answers, batch.answer_mask)
+    return task_correct(logits, batch.query_y, batch.query_mask if query_mask is None else query_mask)
+
+
+def query_accuracy(
+    adapter: ResidualAdapter, batch: TaskBatch, params: Tensor, to_weights: Weights | None = None
+) -> Tensor:
+    """Per-task query accuracy (%) of the weights of ``params``."""
+    correct, total = query_hits(adapter, batch, params, to_weights)
+    return 100 * correct / total.clamp(min=1)
+
+
 @dataclass
 class ShotResult:
     """Per-task query hits and counts for one shots setting; ``eligible`` marks tasks that take part."""
@@ -115,14 +185,7 @@ class Protocol:
         a generator for latents). Returns ``{"model", "chance", "majority"}`` dicts keyed by shots;
         chance "hits" are expected values (n/K).
         """
-        to_w = to_weights or (lambda p: p)
         init = init.detach()
-
-        def hits(params: Tensor, qmask: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.no_grad():
-                logits = adapter(to_w(params), batch.query_x, batch.answers, batch.answer_mask)
-            return task_correct(logits, batch.query_y, qmask)
-
         n_answers = batch.answer_mask.sum(1)
         out: dict[str, dict[Shots, ShotResult]] = {"model": {}, "chance": {}, "majority": {}}
         all_tasks = torch.ones(len(batch), dtype=torch.bool, device=batch.device)
@@ -134,16 +197,9 @@ class Protocol:
             if s == 0:
                 params = init
             else:
-                sx, sy, sm = batch.support_x, batch.support_y, smask
-                if s != "full":
-                    sx, sy, sm = pack(sx, sy, sm)
-
-                def inner_loss(p: Tensor, sx: Tensor = sx, sy: Tensor = sy, sm: Tensor = sm) -> Tensor:
-                    logits = adapter(to_w(p), sx, batch.answers, batch.answer_mask)
-                    return task_losses(logits, sy, sm)
-
-                params = adapt(init, inner_loss, self.loop, track_meta_grad=False)
-            correct, total = hits(params, qmask)
+                support = None if s == "full" else pack(batch.support_x, batch.support_y, smask)
+                params = fine_tune(adapter, batch, init, self.loop, to_weights, support)
+            correct, total = query_hits(adapter, batch, params, to_weights, qmask)
             out["model"][s] = ShotResult(correct, total, eligible)
             out["chance"][s] = ShotResult(total.float() / n_answers, total, eligible)
             if s != 0:

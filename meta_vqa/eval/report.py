@@ -24,21 +24,11 @@ from pathlib import Path
 import torch
 
 from meta_vqa.errors import MetaVQAError
-from meta_vqa.eval.results import METHOD_ORDER, _shots_key, aggregate, load_results, render_markdown
+from meta_vqa.eval.methods import BASELINES, DIAGNOSTIC, GUIDED, METHOD_ORDER, method_rank
+from meta_vqa.eval.results import aggregate, load_results, render_markdown, shots_key
 from meta_vqa.io import write_json, write_text
 
 log = logging.getLogger(__name__)
-
-GUIDED = (
-    "hnet_hyperclip",
-    "hvae_hyperclip",
-    "hnet_hyperldm",
-    "hvae_hyperldm",
-    "hnet_combined",
-    "hvae_combined",
-)
-BASELINES = ("uncond_multitask", "mnet_maml", "hnet_maml")
-DIAGNOSTIC = ("hvae_recon",)
 
 
 # --- memorisation -------------------------------------------------------------------------------------
@@ -110,17 +100,13 @@ def render_memorisation(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     ms = lambda v: f"{statistics.fmean(v):.3g} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2g}"
-    for (split, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _rank(kv[0][1]))):
+    for (split, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], method_rank(kv[0][1]))):
         cols = [
             ms([r[k] for r in rs])
             for k in ("generated_to_train", "test_adapted_to_train", "ratio", "train_spacing")
         ]
         lines.append(f"| {split} | {method} | " + " | ".join(cols) + " |")
     return "\n".join(lines + [""])
-
-
-def _rank(m: str) -> int:
-    return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
 
 
 # --- the paper's claims, checked on the table ---------------------------------------------------------
@@ -242,11 +228,11 @@ def plot_kshot(rows: list[dict]):
             if r.get("classifier_scale") is not None or r["method"] in DIAGNOSTIC:
                 continue
             by_method[(r["method"], r.get("gamma"))][r["shots"]] = r
-        shots_all = sorted({s for d in by_method.values() for s in d}, key=_shots_key)
+        shots_all = sorted({s for d in by_method.values() for s in d}, key=shots_key)
         order = sorted(shots_all, key=lambda s: (s == "full", 0 if s == "full" else int(s)))
         xs = {s: i for i, s in enumerate(order)}
         lines = [(k, d) for k, d in by_method.items() if len(d) > 1]  # not the zero-shot-only rows (other γ)
-        lines.sort(key=lambda kv: (_rank(kv[0][0]), str(kv[0][1])))
+        lines.sort(key=lambda kv: (method_rank(kv[0][0]), str(kv[0][1])))
         colours = plt.get_cmap("tab20")
         for i, ((m, g), d) in enumerate(lines):
             pts = sorted(d.items(), key=lambda kv: xs[kv[0]])

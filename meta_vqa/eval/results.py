@@ -1,4 +1,4 @@
-"""Result records (DESIGN.md "Results"): collection across batches and ranks, aggregation, rendering.
+"""Result records: collection across batches and ranks, aggregation, rendering.
 
 A record is one method × split × shots × seed:
 ``{"method", "split", "shots", "seed", "accuracy", "accuracy_pooled", "n_tasks"}`` (+ ``gamma`` and
@@ -8,7 +8,6 @@ A record is one method × split × shots × seed:
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -17,32 +16,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from meta_vqa.errors import MetaVQAError
+from meta_vqa.eval.methods import method_rank
 from meta_vqa.eval.protocol import ShotResult
-from meta_vqa.io import write_json, write_text
+from meta_vqa.io import read_json, write_json, write_text
 
-METHOD_ORDER = [
-    "chance",
-    "majority",
-    "clip_zero_shot",
-    "uncond_multitask",
-    "cond_multitask",
-    "cond_multitask_film",
-    "mnet_maml",
-    "hnet_maml",
-    "hvae",
-    "hvae_recon",  # HVAE reconstruction of support-adapted HNet weights (a diagnostic row)
-    "hnet_hyperclip",
-    "hvae_hyperclip",
-    "hnet_hyperldm",
-    "hvae_hyperldm",
-    "hnet_combined",
-    "hvae_combined",
-]
 EXTRA_KEYS = ("gamma", "control", "classifier_scale")
 
 
-def _shots_key(s) -> tuple[int, int]:
+def shots_key(s) -> tuple[int, int]:
     return (0, 0) if s == 0 else (1, 0) if s == "full" else (2, int(s))
 
 
@@ -59,13 +40,20 @@ class ResultCollector:
             rows = torch.stack([task.double(), r.correct.double(), r.total.double(), r.eligible.double()], 1)
             self._rows[(method, shots, key_extra)].append(rows.detach().cpu())
 
+    def add_evaluation(self, method: str, task: Tensor, results: dict, **extra) -> None:
+        """The ``model`` rows of a :meth:`Protocol.evaluate` result under ``method``, with its ``chance``
+        and ``majority`` reference rows (the same for every method of a run; reports count them once)."""
+        self.add(method, task, results["model"], **extra)
+        self.add("chance", task, results["chance"])
+        self.add("majority", task, results["majority"])
+
     def records(
         self, split: str, seed: int, all_gather: Callable[[Tensor], Tensor] | None = None
     ) -> list[dict]:
         """Records for every collected key; ``all_gather`` merges the ranks' rows (duplicates dropped)."""
         out = []
         for (method, shots, extra), chunks in sorted(
-            self._rows.items(), key=lambda kv: (_method_rank(kv[0][0]), str(kv[0][2]), _shots_key(kv[0][1]))
+            self._rows.items(), key=lambda kv: (method_rank(kv[0][0]), str(kv[0][2]), shots_key(kv[0][1]))
         ):
             rows = torch.cat(chunks)
             if all_gather is not None:
@@ -114,10 +102,6 @@ def _row_name(method: str, gamma=None, control=None, classifier_scale=None) -> s
     return name
 
 
-def _method_rank(m: str) -> int:
-    return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
-
-
 def write_results(out_dir: str | Path, records: list[dict], title: str = "Results") -> Path:
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the json path."""
     out_dir = Path(out_dir)
@@ -145,10 +129,7 @@ def load_results(
         for f in files:
             if any(f.resolve().is_relative_to(skip) for skip in skips):
                 continue
-            try:
-                records += json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise MetaVQAError(f"{f}: not valid JSON ({e})") from None
+            records += read_json(f, "results file")
     return records
 
 
@@ -186,10 +167,10 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
     ]
     for split in sorted({r["split"] for r in rows}):
         sub = [r for r in rows if r["split"] == split]
-        shots = sorted({r["shots"] for r in sub}, key=_shots_key)
+        shots = sorted({r["shots"] for r in sub}, key=shots_key)
         methods = sorted(
             {(r["method"], *(r.get(k) for k in EXTRA_KEYS)) for r in sub},
-            key=lambda m: (_method_rank(m[0]), *(str(x) for x in m[1:])),
+            key=lambda m: (method_rank(m[0]), *(str(x) for x in m[1:])),
         )
         cell = {(r["method"], *(r.get(k) for k in EXTRA_KEYS), r["shots"]): r for r in sub}
         seeds = max(r["seeds"] for r in sub)

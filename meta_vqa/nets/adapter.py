@@ -1,4 +1,4 @@
-"""The base model (MNet): the residual CLIP adapter of SPEC §3, run on a batch of weight sets at once.
+"""The base model (MNet): the paper's residual CLIP adapter, run on a batch of weight sets at once.
 
 The adapter owns no parameters. Its weights arrive as flat vectors in the authors' layout
 ``[vec(W1), vec(W2), b1, b2]`` (row-major), one vector per task, so a weight vector means the same
@@ -52,7 +52,7 @@ class ResidualAdapter(nn.Module):
         return torch.cat([w1.reshape(*lead, -1), w2.reshape(*lead, -1), b1, b2], dim=-1)
 
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
-        """Weights of an MNet that owns them: every entry N(0, 1), biases too (SPEC §3, §9.1 item 6).
+        """Weights of an MNet that owns them: every entry N(0, 1), biases too (as the authors did).
 
         With ``straight_through`` the matrices are drawn already scaled by ``1/sqrt(fan_in)``.
         """

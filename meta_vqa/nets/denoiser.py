@@ -1,4 +1,4 @@
-"""The HyperLDM noise predictor ε_η(x_t, t, c) (SPEC §4.6, the authors' ``LatentDiffuser``)."""
+"""The HyperLDM noise predictor ε_η(x_t, t, c) (the authors' ``LatentDiffuser``)."""
 
 from __future__ import annotations
 

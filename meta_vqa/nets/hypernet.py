@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    """``in → hidden... → out`` MLP with the authors' init (SPEC §4.1).
+    """``in → hidden... → out`` MLP with the authors' init.
 
     Hidden layers: Kaiming-normal with the activation's gain; output layer: Kaiming-normal with
     linear gain (std = 1/sqrt(fan_in)); all biases zero.

@@ -1,7 +1,7 @@
-"""HVAE: a variational autoencoder over flat adapter weights (SPEC §4.3).
+"""HVAE: a variational autoencoder over flat adapter weights (the paper's HVAE).
 
-Encoder E_φ: D → 128 → 128 → 2·latent (μ, s) with log-variance = s − 1 (the authors' offset, SPEC §9.1
-item 7); decoder G_ψ: latent → 128 → 128 → D. Both are the hypernetwork MLP with the authors' init.
+Encoder E_φ: D → 128 → 128 → 2·latent (μ, s) with log-variance = s − 1 (the authors'
+offset); decoder G_ψ: latent → 128 → 128 → D. Both are the hypernetwork MLP with the authors' init.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class WeightVAE(nn.Module):
 def vae_loss(
     recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total, reconstruction, β·KL)`` of SPEC §4.3, both terms divided by √D.
+    """``(total, reconstruction, β·KL)`` of the authors' HVAE, both terms divided by √D.
 
     L_rec = Σ_d mean_b (recon − w)²_{b,d} / √D;
     L_KL = β · mean_b [−½ Σ_j (1 + log σ² − μ² − σ²)_{b,j}] / √D.

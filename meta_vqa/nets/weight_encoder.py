@@ -1,4 +1,4 @@
-"""HyperCLIP: a weight encoder into the question-embedding space and its contrastive loss (SPEC §4.4)."""
+"""HyperCLIP: a weight encoder into the question-embedding space and its contrastive loss."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class WeightEncoder(nn.Module):
     """H_ω: flat adapter weights → question-embedding space (Softplus MLP, D → 128 → 128 → d_q).
 
     ``logit_scale`` is stored as a log; it is trained only when ``learn_scale`` is set (the authors created
-    it but never optimised it, SPEC §9.1 item 8) and always clamped to [1, 100].
+    it but never optimised it) and always clamped to [1, 100].
     """
 
     def __init__(

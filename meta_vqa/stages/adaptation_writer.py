@@ -1,4 +1,5 @@
-"""The prediction writer that makes the adaptation dataset (SPEC §4.2; format in :mod:`meta_vqa.data.latents`).
+"""The prediction writer that makes the adaptation dataset (the authors' "precompute adaptation" step;
+format in :mod:`meta_vqa.data.latents`).
 
 ``meta-vqa predict -c conf/<dataset>/adapt.yaml --ckpt_path hnet.ckpt`` runs the HNet stage's
 ``predict_step`` over the DataModule's adaptation jobs (``data.predict_split: adaptation``); this
@@ -7,7 +8,7 @@ When every job is written the parts are merged into ``adaptation.safetensors`` +
 
 Resuming: a rerun with the same settings skips the jobs already written (the DataModule leaves them out
 before the first batch), so an interrupted run continues at the last finished epoch and no epoch is ever
-written twice (fixes SPEC §9.1 item 20). A rerun with other settings (recipe, tasks, latent size, or
+written twice (the authors' script appended to an existing file, duplicating epochs on a rerun). A rerun with other settings (recipe, tasks, latent size, or
 another checkpoint) is refused unless ``overwrite: true``. Single process only.
 """
 
@@ -45,13 +46,14 @@ class AdaptationWriter(BasePredictionWriter):
     """Write the adaptation dataset into ``out`` (resumable, atomic, never duplicated).
 
     Args:
-        out: output folder (``adaptation.safetensors``, ``adaptation.json``; ``parts/`` while running).
+        out: output folder (``adaptation.safetensors``, ``adaptation.json``; ``parts/`` while running);
+            ``meta-vqa predict --stage_dir DIR`` sets it.
         overwrite: discard whatever ``out`` holds instead of resuming it.
     """
 
-    def __init__(self, out: str, overwrite: bool = False):
+    def __init__(self, out: str | None = None, overwrite: bool = False):
         super().__init__("batch")
-        self.out = Path(out)
+        self.out = Path(out) if out is not None else None
         self.overwrite = overwrite
         self.complete = False
 
@@ -60,13 +62,18 @@ class AdaptationWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != "predict":
             return
+        if self.out is None:
+            raise ConfigError("--stage_dir: the folder to write the adaptation dataset to is not set")
         dm = trainer.datamodule
         if getattr(dm, "predict_split", None) != "adaptation":
             raise ConfigError("data.predict_split: must be 'adaptation' when AdaptationWriter is a callback")
         if trainer.world_size > 1:
             raise ConfigError("trainer.devices: the adaptation dataset is written by a single process")
-        if not hasattr(pl_module, "latent_dim"):
-            raise ConfigError(f"model: {type(pl_module).__name__} does not generate latents to adapt")
+        if getattr(pl_module, "kind", None) != "hnet":
+            raise ConfigError(
+                f"model: the adaptation dataset holds HNet-MAML latents; {type(pl_module).__name__} "
+                "is not an HNet-MAML stage (--ckpt_path must be an hnet checkpoint)"
+            )
         self.jobs: list[AdaptationJob] = dm.adaptation_jobs()
         self.ids = {s: dm.adaptation_task_ids(s) for s in SUPPORT_SETS}
         self.config = self._config(dm, pl_module)

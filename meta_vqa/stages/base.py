@@ -1,4 +1,4 @@
-"""Base-model stage: the baselines of SPEC §4.1 on the residual adapter.
+"""Base-model stage: the paper's baselines on the residual CLIP adapter.
 
 Variants (``variant`` in YAML):
 
@@ -8,16 +8,15 @@ Variants (``variant`` in YAML):
 * ``cond_multitask_film``: shared weights FiLM-modulated by the question (not in the authors' code).
 * ``mnet_maml``: MAML on the adapter's own weights (first-order by default).
 
-Zero-shot = the weights produced without support data; few-shot = those weights fine-tuned on support
-(SPEC §4.7). The meta-gradient is the plain mean over the meta-batch and gradients are clipped before
-the optimiser step (fixes SPEC §9.1 item 3).
+Zero-shot = the weights produced without support data; few-shot = those weights fine-tuned on support.
+The meta-step is shared with HNet-MAML (:class:`~meta_vqa.stages.meta_learning.MetaLearningStage`): the
+meta-gradient is the plain mean over the meta-batch and gradients are clipped before the optimiser step.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -25,18 +24,16 @@ from torchmetrics import MeanMetric
 
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.errors import ConfigError
+from meta_vqa.eval.methods import Variant
 from meta_vqa.eval.protocol import Protocol
-from meta_vqa.eval.results import ResultCollector
-from meta_vqa.meta.maml import InnerLoop, adapt
-from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses
+from meta_vqa.meta.maml import InnerLoop, Split
+from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.hypernet import MLP, FiLMGenerator
-from meta_vqa.stages.common import finish_test, grad_enabled
-
-Variant = Literal["clip_zero_shot", "uncond_multitask", "cond_multitask", "cond_multitask_film", "mnet_maml"]
-SplitName = Literal["support", "query", "all"]
+from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.meta_learning import MetaLearningStage
 
 
-class BaseStage(L.LightningModule):
+class BaseStage(MetaLearningStage):
     """Baselines on the residual adapter.
 
     Args:
@@ -75,7 +72,7 @@ class BaseStage(L.LightningModule):
         inner_lr: float = 0.1,
         first_order: bool = True,
         inner_split: Literal["support", "query"] = "support",
-        outer_split: SplitName | None = None,
+        outer_split: Split | None = None,
         chunk_size: int | None = None,
         max_train_examples: int | None = None,
         grad_clip: float | None = 10.0,
@@ -88,8 +85,8 @@ class BaseStage(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.automatic_optimization = False
-        self.variant = variant
+        self.variant = self.method = variant
+        self.title = f"Base model: {variant}"
         self.optimizer_factory = optimizer
         self.adapter = ResidualAdapter(feature_dim, adapter_hidden)
         D = self.adapter.num_params
@@ -107,7 +104,6 @@ class BaseStage(L.LightningModule):
         self.outer_split = outer_split or ("query" if variant == "mnet_maml" else "all")
         self.select_on = "few_shot" if variant == "mnet_maml" else "zero_shot"
         self.val_acc = nn.ModuleDict({k: MeanMetric() for k in ("zero_shot", "few_shot")})
-        self.collector = ResultCollector()
 
     # --- the weights each variant produces without support data --------------------------------------
     def init_params(self, batch: TaskBatch) -> Tensor:
@@ -121,50 +117,6 @@ class BaseStage(L.LightningModule):
             return self.hnet(batch.question)
         return self.film(batch.question)
 
-    # --- training ------------------------------------------------------------------------------------
-    def _outer_losses(self, chunk: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
-        init = self.init_params(chunk)
-        hp = self.hparams
-        if self.train_loop.steps > 0:
-            x, y, m = chunk.split(hp.inner_split)
-
-            def inner_loss(p: Tensor) -> Tensor:
-                return task_losses(self.adapter(p, x, chunk.answers, chunk.answer_mask), y, m)
-
-            init = adapt(init, inner_loss, self.train_loop)
-        x, y, m = chunk.split(self.outer_split)
-        logits = self.adapter(init, x, chunk.answers, chunk.answer_mask)
-        correct, total = task_correct(logits, y, m)
-        return task_losses(logits, y, m), correct, total
-
-    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        opt.zero_grad()
-        B = len(batch)
-        loss_sum, acc_sum = 0.0, 0.0
-        n = self.hparams.max_train_examples
-        batch = batch.subsample(n, n)
-        for chunk in batch.chunks(self.hparams.chunk_size):
-            losses, correct, total = self._outer_losses(chunk)
-            self.manual_backward(losses.sum() / B)  # plain mean over the meta-batch
-            loss_sum += losses.detach().sum()
-            acc_sum += (correct / total.clamp(min=1)).sum()
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        self.log("train/loss", loss_sum / B, prog_bar=True, batch_size=B)
-        self.log("train/acc", 100 * acc_sum / B, prog_bar=True, batch_size=B)
-        return loss_sum / B
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(
-                f"model.variant: {self.variant!r} has no trainable parameters; "
-                "evaluate it with `meta-vqa test` instead of `fit`"
-            )
-        return self.optimizer_factory(params)
-
     # --- evaluation ----------------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         with grad_enabled(batch) as b:
@@ -175,16 +127,6 @@ class BaseStage(L.LightningModule):
         for key, metric in self.val_acc.items():
             self.log(f"val/acc_{key}", metric, batch_size=len(batch))
         self.log("val/acc", self.val_acc[self.select_on], prog_bar=True, batch_size=len(batch))
-
-    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        with grad_enabled(batch) as b:
-            res = self.protocol.evaluate(self.adapter, b, self.init_params(b))
-        self.collector.add(self.variant, batch.task, res["model"])
-        self.collector.add("chance", batch.task, res["chance"])
-        self.collector.add("majority", batch.task, res["majority"])
-
-    def on_test_epoch_end(self) -> None:
-        finish_test(self, self.collector, self.hparams.results_dir, f"Base model: {self.variant}")
 
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> dict:
         """Zero-shot answers for the query examples: ``{"task", "pred", "label", "mask"}``."""

@@ -1,6 +1,7 @@
-"""Stage hand-off (DESIGN.md "Stage hand-off"): a downstream stage holds its frozen upstream as a submodule.
+"""Stage hand-off: a downstream stage holds its frozen upstream stage as a submodule.
 
-One entry point, :func:`attach_upstream`, used by every downstream stage::
+One entry point, :func:`attach_upstream`, used by every downstream stage, and one check that an adaptation
+dataset belongs to the generator a stage trains on, :func:`check_adaptation`::
 
     self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=(HNetStage,))
     self.hparams["upstream"] = record
@@ -20,35 +21,15 @@ import contextvars
 import logging
 import pickle
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.io import sha256_file
-from meta_vqa.meta.maml import InnerLoop
-from meta_vqa.nets.adapter import ResidualAdapter
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class LatentGenerator(Protocol):
-    """What a generator stage (HNet-MAML, HVAE) offers to guidance stages: latents → adapter weights."""
-
-    adapter: ResidualAdapter
-
-    @property
-    def latent_dim(self) -> int: ...
-
-    @property
-    def eval_loop(self) -> InnerLoop: ...
-
-    def weights(self, z: Tensor) -> Tensor: ...
-
-    def init_latents(self, task: Tensor) -> Tensor: ...
 
 
 class FrozenUpstream(nn.Module):
@@ -159,3 +140,20 @@ def attach_upstream(
             record["sha256"][:12],
         )
     return FrozenUpstream(module), record
+
+
+def check_adaptation(data, source) -> None:
+    """An adaptation dataset (:class:`~meta_vqa.data.latents.AdaptationData`) must hold latents of the
+    HNet ``source`` (:class:`~meta_vqa.stages.generator.AdaptationSource`): the same latent size, and made
+    from the same checkpoint file where both sha256 are known."""
+    if data.latent_dim != source.latent_dim:
+        raise DataError(
+            f"{data.path}: latents have size {data.latent_dim}, but the HNet ({source.path}) has "
+            f"latent_dim {source.latent_dim}"
+        )
+    made_by = data.upstream_sha256
+    if made_by and source.sha256 and made_by != source.sha256:
+        raise DataError(
+            f"{data.path}: made from an HNet checkpoint with sha256 {made_by[:12]}…, but the generator's "
+            f"HNet ({source.path}) has sha256 {source.sha256[:12]}…; make the adaptation dataset from it"
+        )

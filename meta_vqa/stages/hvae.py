@@ -1,14 +1,15 @@
-"""HVAE: a VAE over task-adapted adapter weights (SPEC §4.3), on top of a frozen HNet-MAML stage.
+"""HVAE: a VAE over task-adapted adapter weights (the paper's HVAE), on top of a frozen HNet-MAML stage.
 
 Training data: the adaptation dataset's latents (``data.adaptation``), one random adaptation epoch per
 training epoch in batches of 32 tasks (leftovers dropped), decoded to weights w = G_θ(z) by the frozen
 HNet on the fly. Loss: √D-scaled reconstruction + β·KL/√D (:func:`meta_vqa.nets.vae.vae_loss`), in
 standardised weight space with ``normalize: true`` (the authors' option).
 
-Evaluation (SPEC §4.7): the zero-shot latent is the encoding of the HNet's initial weights G_θ(z0):
-its mean μ by default (``init_latent: mean``, deterministic), or a sample of q(z | G_θ(z0)) drawn per
-task from (seed, eval_seed, task id) (``init_latent: sample``, the authors' choice, re-drawn per task as
-SPEC §9.1 item 22 asks); few-shot = that latent fine-tuned on support with 50 Adam steps at lr 1e-3.
+Evaluation: the zero-shot latent is the encoding of the HNet's initial weights G_θ(z0): its mean μ by
+default (``init_latent: mean``, deterministic), or a sample of q(z | G_θ(z0)) drawn per task from (seed,
+eval_seed, task id) (``init_latent: sample``, the authors' choice; their precompute route drew one sample
+for all tasks, we draw one per task); few-shot = that latent fine-tuned on support with 50 Adam steps at
+lr 1e-3 (the authors' values).
 Reconstruction accuracy: HNet latents adapted on support → weights → encode (μ) → decode → query
 accuracy (``val/recon_acc``; in ``test`` the ``hvae_recon`` record, shots ``full``).
 """
@@ -27,21 +28,21 @@ from torchmetrics import MeanMetric
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.errors import DataError
-from meta_vqa.eval.protocol import Protocol, ShotResult
+from meta_vqa.eval.methods import HVAE, HVAE_RECON
+from meta_vqa.eval.protocol import Protocol, ShotResult, query_hits
 from meta_vqa.eval.results import ResultCollector
-from meta_vqa.meta.maml import InnerLoop, adapt
-from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses
+from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.vae import WeightVAE, vae_loss
 from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
-from meta_vqa.stages.handoff import attach_upstream
+from meta_vqa.stages.generator import AdaptationSource, LatentGenerator, TrainingLatents
+from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
 
-METHOD = "hvae"
-RECON_METHOD = "hvae_recon"
 VAL_KEYS = ("acc_zero_shot", "acc_few_shot", "recon_acc", "recon_source_acc", "loss", "rec", "kl", "mu_norm")
 
 
-class HVAEStage(L.LightningModule):
+class HVAEStage(LatentGenerator, L.LightningModule):
     """VAE over the weights a frozen HNet-MAML generates for task-adapted latents.
 
     Args:
@@ -54,8 +55,7 @@ class HVAEStage(L.LightningModule):
         beta: KL weight (1).
         normalize: standardise the weights the VAE sees with their per-dimension mean and one scalar
             std (the mean of the per-dimension stds) over one adaptation epoch, computed when training
-            starts and kept in the checkpoint (the authors' ``normalize`` option, SPEC §4.3; off by
-            default). Helps when tasks differ little relative to the weights' scale.
+            starts and kept in the checkpoint (the authors' ``normalize`` option; off by default). Helps when tasks differ little relative to the weights' scale.
         init_latent: zero-shot latent: ``mean`` (μ of q(z | G_θ(z0))) or ``sample`` (one draw per task).
         select_on: what ``val/acc`` (the checkpoint monitor) reports: ``recon`` (reconstruction accuracy
             of support-adapted HNet weights, the VAE's own job) or ``few_shot``.
@@ -106,6 +106,8 @@ class HVAEStage(L.LightningModule):
         return self.upstream.module
 
     # --- the latent-generator interface used by later stages -----------------------------------------
+    kind = "hvae"
+
     @property
     def adapter(self) -> ResidualAdapter:
         return self.hnet.adapter
@@ -120,6 +122,38 @@ class HVAEStage(L.LightningModule):
 
     def weights(self, z: Tensor) -> Tensor:
         return self.from_vae(self.vae.decode(z))
+
+    @torch.no_grad()
+    def posterior(self, hnet_latents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(μ, log σ²)`` of q(z | G_θ(z_hnet)) for HNet latents ``[N, d_hnet]``."""
+        return self.vae.encode(self.to_vae(self.hnet.weights(hnet_latents)))
+
+    @torch.no_grad()
+    def from_adaptation(self, hnet_latents: Tensor) -> Tensor:
+        """A draw of z ~ q(z | G_θ(z_hnet)) per HNet latent (the authors' ``train_on_vae`` route)."""
+        return self.vae.sample(*self.posterior(hnet_latents))
+
+    @torch.no_grad()
+    def training_latents(self, latents: Tensor, chunk: int = 1024) -> TrainingLatents:
+        """Each use draws a fresh z ~ q(z | G_θ(z_hnet)). The posterior of every dataset latent is
+        computed once here and a batch only samples from it: the same distribution as re-encoding the
+        batch's weights every step, at a small fraction of the cost."""
+        flat = latents.flatten(0, 1)
+        parts = [self.posterior(c.to(self.device).float()) for c in flat.split(chunk)]
+        mu = torch.cat([m for m, _ in parts])
+        logvar = torch.cat([lv for _, lv in parts])
+
+        def sample(batch: LatentBatch) -> Tensor:
+            if batch.index is None:
+                return self.from_adaptation(batch.latent)
+            idx = batch.index.to(mu.device)
+            return self.vae.sample(mu[idx], logvar[idx])
+
+        return sample
+
+    def adaptation_source(self, record: dict) -> AdaptationSource:
+        rec = self.hparams.upstream  # the adaptation dataset holds latents of this HVAE's own HNet
+        return AdaptationSource(self.hnet.latent_dim, rec.get("sha256"), rec.get("path"))
 
     # --- the space the VAE works in -------------------------------------------------------------------
     def to_vae(self, w: Tensor) -> Tensor:
@@ -163,23 +197,8 @@ class HVAEStage(L.LightningModule):
     # --- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and dm is not None and hasattr(dm, "adaptation_data"):
-            self.check_adaptation(dm.adaptation_data)
-
-    def check_adaptation(self, data) -> None:
-        """The adaptation dataset must come from this HNet (latent size, checkpoint sha256)."""
-        rec = self.hparams.upstream
-        if data.latent_dim != self.hnet.latent_dim:
-            raise DataError(
-                f"{data.path}: latents have size {data.latent_dim}, but the HNet "
-                f"({rec.get('path')}) has latent_dim {self.hnet.latent_dim}"
-            )
-        made_by, ours = data.upstream_sha256, rec.get("sha256")
-        if made_by and ours and made_by != ours:
-            raise DataError(
-                f"{data.path}: made from an HNet checkpoint with sha256 {made_by[:12]}…, but "
-                f"model.upstream_ckpt ({rec.get('path')}) has sha256 {ours[:12]}…"
-            )
+        if stage == "fit" and dm is not None:
+            check_adaptation(dm.adaptation_data, self.adaptation_source(self.hparams.upstream))
 
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
         with torch.no_grad():
@@ -198,14 +217,9 @@ class HVAEStage(L.LightningModule):
         return self.optimizer_factory(self.vae.parameters())
 
     # --- evaluation ----------------------------------------------------------------------------------
-    def _hits(self, w: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            logits = self.adapter(w, batch.query_x, batch.answers, batch.answer_mask)
-        return task_correct(logits, batch.query_y, batch.query_mask)
-
     def reconstruction(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Support-adapted HNet weights w, their reconstruction decode(μ(w)): query hits and VAE terms."""
-        z = self.hnet.adapt_latents(batch)
+        z = self.hnet.support_latents(batch)
         with torch.no_grad():
             w = self.hnet.weights(z)
             v = self.to_vae(w)
@@ -213,8 +227,8 @@ class HVAEStage(L.LightningModule):
             v_rec = self.vae.decode(mu)
             loss, rec, kl = vae_loss(v_rec, v, mu, logvar, self.hparams.beta)
             w_rec = self.from_vae(v_rec)
-        src_correct, total = self._hits(w, batch)
-        correct, _ = self._hits(w_rec, batch)
+        src_correct, total = query_hits(self.adapter, batch, w)
+        correct, _ = query_hits(self.adapter, batch, w_rec)
         return {
             "correct": correct,
             "source_correct": src_correct,
@@ -229,7 +243,7 @@ class HVAEStage(L.LightningModule):
         B = len(batch)
         with grad_enabled(batch) as b:
             init = self.init_latents(b.task).detach()
-            res = self.protocol.evaluate(self.adapter, b, init, to_weights=self.weights, shots=[0, "full"])
+            res = self.protocol.evaluate(self.adapter, b, init, self.weights, shots=[0, "full"])
             r = self.reconstruction(b)
         n = r["total"].clamp(min=1)
         values = {
@@ -250,26 +264,11 @@ class HVAEStage(L.LightningModule):
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         with grad_enabled(batch) as b:
-            res = self.protocol.evaluate(
-                self.adapter, b, self.init_latents(b.task).detach(), to_weights=self.weights
-            )
+            res = self.protocol.evaluate(self.adapter, b, self.init_latents(b.task).detach(), self.weights)
             r = self.reconstruction(b)
-        self.collector.add(METHOD, batch.task, res["model"])
+        self.collector.add_evaluation(HVAE, batch.task, res)
         everyone = torch.ones_like(r["total"], dtype=torch.bool)
-        self.collector.add(RECON_METHOD, batch.task, {"full": ShotResult(r["correct"], r["total"], everyone)})
-        self.collector.add("chance", batch.task, res["chance"])
-        self.collector.add("majority", batch.task, res["majority"])
+        self.collector.add(HVAE_RECON, batch.task, {"full": ShotResult(r["correct"], r["total"], everyone)})
 
     def on_test_epoch_end(self) -> None:
         finish_test(self, self.collector, self.hparams.results_dir, "HVAE")
-
-    def predict_step(self, batch: TaskBatch, batch_idx: int) -> dict:
-        """VAE latents fine-tuned on each task's support split: ``{"task", "latent", "question"}``."""
-        with grad_enabled(batch) as b:
-
-            def inner_loss(z: Tensor) -> Tensor:
-                logits = self.adapter(self.weights(z), b.support_x, b.answers, b.answer_mask)
-                return task_losses(logits, b.support_y, b.support_mask)
-
-            z = adapt(self.init_latents(b.task).detach(), inner_loss, self.eval_loop, track_meta_grad=False)
-        return {"task": batch.task, "latent": z, "question": batch.question}

@@ -1,4 +1,5 @@
-"""HyperCLIP (SPEC §4.4–4.5): a contrastive weight encoder and classifier guidance by latent optimisation.
+"""HyperCLIP: a contrastive weight encoder and classifier guidance by latent optimisation (the paper's
+HyperCLIP training and guidance).
 
 Training: for each task of an adaptation epoch, the weights its adapted latent produces (HNet: G_θ(z);
 HVAE: the VAE's reconstruction through a stochastic encoding, the authors' ``train_on_vae``) are
@@ -14,9 +15,6 @@ Method ids ``hnet_hyperclip`` / ``hvae_hyperclip`` with ``control`` aligned | sh
 
 from __future__ import annotations
 
-from typing import Literal
-
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -26,24 +24,13 @@ from torchmetrics import MeanMetric
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.diffusion.guidance import optimize_latents
-from meta_vqa.eval.protocol import Protocol
-from meta_vqa.eval.results import ResultCollector
+from meta_vqa.eval.methods import Control
 from meta_vqa.nets.weight_encoder import WeightEncoder, contrastive_loss
-from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
-from meta_vqa.stages.generator import (
-    LatentRecorder,
-    TrainingLatents,
-    attach_generator,
-    control_questions,
-    generator_kind,
-    query_accuracy,
-    support_latents,
-)
-
-Control = Literal["aligned", "shuffled", "empty"]
+from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.guidance import GuidanceStage, control_questions
 
 
-class HyperCLIPStage(L.LightningModule):
+class HyperCLIPStage(GuidanceStage):
     """Weight encoder trained contrastively against question embeddings; guided zero-shot latents.
 
     Args:
@@ -62,6 +49,8 @@ class HyperCLIPStage(L.LightningModule):
         results_dir: where ``test`` writes results.json/.md.
         optimizer: Adam, lr 1e-3.
     """
+
+    guidance, title = "hyperclip", "HyperCLIP"
 
     def __init__(
         self,
@@ -87,20 +76,11 @@ class HyperCLIPStage(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        gen = attach_generator(self, upstream_ckpt, upstream, feature_dim)
+        gen = self.attach_generator(upstream_ckpt, upstream, feature_dim, max_shots, eval_seed)
         self.encoder = WeightEncoder(gen.adapter.num_params, question_dim, hidden, scale, learn_scale)
-        self.method = f"{generator_kind(gen)}_hyperclip"
-        self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)
         keys = ("acc_zero_shot", "acc_start", "retrieval_acc", "loss")
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in keys})
-        self.collector = ResultCollector()
-        self.latents = LatentRecorder()
-        self.training_latents = TrainingLatents()
         self.retrieval = {"hits": 0.0, "n": 0}
-
-    @property
-    def generator(self):
-        return self.upstream.module
 
     # --- the classifier ------------------------------------------------------------------------------
     def similarity(self, w: Tensor, questions: Tensor) -> Tensor:
@@ -108,7 +88,8 @@ class HyperCLIPStage(L.LightningModule):
         return (self.encoder(w) * F.normalize(questions, dim=-1)).sum(-1)
 
     def guided_latents(self, task: Tensor, questions: Tensor) -> Tensor:
-        """Zero-shot latents of the tasks, guided by their descriptions (SPEC §4.5)."""
+        """Zero-shot latents of the tasks, guided by their descriptions: the start latent optimised to
+        maximise cos(H_ω(G(z)), e_q) (the paper's HyperCLIP guidance)."""
         gen, hp = self.generator, self.hparams
         z_init = gen.init_latents(task).detach()
         g = torch.Generator(device=z_init.device).manual_seed(hp.eval_seed) if hp.langevin else None
@@ -124,15 +105,9 @@ class HyperCLIPStage(L.LightningModule):
         )
 
     # --- training ------------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        self.training_latents.prepare(
-            self.generator, self.trainer.datamodule.adaptation_data.tensors["latents"]
-        )
-
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
-        gen = self.generator
         with torch.no_grad():
-            w = gen.weights(self.training_latents(gen, batch))
+            w = self.generator.weights(self.training_latents(batch))
         u = self.encoder(w)
         v = F.normalize(batch.question, dim=-1)
         loss = contrastive_loss(u, v, self.encoder.scale)
@@ -151,7 +126,7 @@ class HyperCLIPStage(L.LightningModule):
         """Per task: 1 if its support-adapted weights score its own question highest among ``way``
         candidates (its own + random others from ``candidates`` [N, d_q]), else 0."""
         gen, way = self.generator, self.hparams.retrieval_way
-        z = support_latents(gen, batch)
+        z = gen.support_latents(batch)
         with torch.no_grad():
             u = self.encoder(gen.weights(z))
             g = torch.Generator().manual_seed(self.hparams.eval_seed)
@@ -174,8 +149,8 @@ class HyperCLIPStage(L.LightningModule):
         with grad_enabled(batch) as b:
             z = self.guided_latents(b.task, b.question)
             values = {
-                "acc_zero_shot": query_accuracy(gen, z, b),
-                "acc_start": query_accuracy(gen, gen.init_latents(b.task).detach(), b),
+                "acc_zero_shot": gen.query_accuracy(z, b),
+                "acc_start": gen.query_accuracy(gen.init_latents(b.task).detach(), b),
                 "retrieval_acc": 100 * self.retrieval_hits(b, self._candidates()),
             }
         for key, v in values.items():
@@ -189,19 +164,13 @@ class HyperCLIPStage(L.LightningModule):
             for control in self.hparams.controls:
                 z = self.guided_latents(b.task, control_questions(b, control))
                 shots = None if control == "aligned" else [0]  # few-shot only for the real description
-                res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=shots)
-                self.collector.add(self.method, batch.task, res["model"], control=control)
-                if control == "aligned":
-                    self.latents.add(batch.task, z)
-                    self.collector.add("chance", batch.task, res["chance"])
-                    self.collector.add("majority", batch.task, res["majority"])
+                res = self.protocol.evaluate(gen.adapter, b, z, gen.weights, shots=shots)
+                self.record(batch, res, control, z if control == "aligned" else None)
             hits = self.retrieval_hits(b, self._candidates())
         self.retrieval["hits"] += hits.sum().item()
         self.retrieval["n"] += len(hits)
 
-    def on_test_epoch_end(self) -> None:
+    def test_epoch_summary(self) -> None:
         if self.retrieval["n"]:
             self.log("test/retrieval_acc", 100 * self.retrieval["hits"] / self.retrieval["n"])
         self.retrieval = {"hits": 0.0, "n": 0}
-        self.latents.write(self, self.hparams.results_dir, self.method, seed=global_seed())
-        finish_test(self, self.collector, self.hparams.results_dir, f"HyperCLIP ({self.method})")

@@ -1,11 +1,12 @@
-"""HyperLDM (SPEC §4.6): conditional latent diffusion over adapted latents, classifier-free guidance.
+"""HyperLDM: conditional latent diffusion over adapted latents with classifier-free guidance (the paper's
+hypernetwork latent diffusion model).
 
 Training data: the adaptation dataset's latents mapped into the generator's latent space (HNet latents,
 or for an HVAE generator a stochastic encoding of their weights), standardised per dimension with a
 mean and std stored as buffers (so the checkpoint is self-contained). ε-prediction MLP on
 [x̃_t, question, sinusoidal(t)], cosine schedule with T = 1000; classifier-free training replaces each
-condition by the null (zero) vector with probability ``p_uncond`` (Bernoulli, not a fixed count per
-batch, SPEC §9.1 item 10). The EMA of the weights is kept by Lightning's ``EMAWeightAveraging`` callback
+condition by the null (zero) vector with probability ``p_uncond`` (Bernoulli per example; the authors'
+code replaced a fixed count per batch, and left classifier-free training off by default). The EMA of the weights is kept by Lightning's ``EMAWeightAveraging`` callback
 (configs), which swaps it in for validation and writes it into the checkpoints that ``test`` loads.
 
 Sampling (zero-shot) runs every task of a batch at once: DDPM with all T steps (the paper) or DDIM /
@@ -17,9 +18,6 @@ Method ids ``{hnet,hvae}_hyperldm`` (with ``gamma``) and ``{hnet,hvae}_combined`
 
 from __future__ import annotations
 
-from typing import Literal
-
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -30,27 +28,16 @@ from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.diffusion.guidance import guided_eps_fn
 from meta_vqa.diffusion.schedule import Sampler, Schedule, add_noise, alphas_cumprod, sample
-from meta_vqa.errors import ConfigError, DataError
-from meta_vqa.eval.protocol import Protocol
-from meta_vqa.eval.results import ResultCollector
+from meta_vqa.errors import ConfigError
+from meta_vqa.eval.methods import Control, guided_method
 from meta_vqa.nets.denoiser import LatentDenoiser
-from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
-from meta_vqa.stages.generator import (
-    LatentRecorder,
-    TrainingLatents,
-    attach_generator,
-    control_questions,
-    generator_kind,
-    latents_from_adaptation,
-    query_accuracy,
-)
+from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.guidance import GuidanceStage, control_questions
 from meta_vqa.stages.handoff import attach_upstream
 from meta_vqa.stages.hyperclip import HyperCLIPStage
 
-Control = Literal["aligned", "shuffled", "empty"]
 
-
-class HyperLDMStage(L.LightningModule):
+class HyperLDMStage(GuidanceStage):
     """Conditional diffusion over generator latents, sampled with classifier-free (and HyperCLIP) guidance.
 
     Args:
@@ -74,6 +61,8 @@ class HyperLDMStage(L.LightningModule):
         results_dir: where ``test`` writes results.json/.md.
         optimizer: Adam, lr 1e-3.
     """
+
+    guidance, title = "hyperldm", "HyperLDM"
 
     def __init__(
         self,
@@ -108,7 +97,8 @@ class HyperLDMStage(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        gen = attach_generator(self, upstream_ckpt, upstream, feature_dim)
+        gen = self.attach_generator(upstream_ckpt, upstream, feature_dim, max_shots, eval_seed)
+        self.combined_method = guided_method(gen.kind, "combined")
         self.classifier = None
         if hyperclip_ckpt is not None or hyperclip is not None:
             self.classifier, rec = attach_upstream(
@@ -125,33 +115,16 @@ class HyperLDMStage(L.LightningModule):
         self.register_buffer("latent_mean", torch.zeros(d))
         self.register_buffer("latent_std", torch.ones(d))
         self.register_buffer("stats_ready", torch.tensor(False))
-        kind = generator_kind(gen)
-        self.method, self.combined_method = f"{kind}_hyperldm", f"{kind}_combined"
-        self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in ("acc_zero_shot", "latent_norm")})
-        self.collector = ResultCollector()
-        self.latents = LatentRecorder()
-        self.training_latents = TrainingLatents()
-
-    @property
-    def generator(self):
-        return self.upstream.module
 
     # --- latent statistics ---------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        data = self.trainer.datamodule.adaptation_data
-        gen = self.generator
-        hnet = gen.hnet if generator_kind(gen) == "hvae" else gen  # the dataset holds HNet latents
-        if data.latent_dim != hnet.latent_dim:
-            raise DataError(
-                f"{data.path}: latents have size {data.latent_dim}, the generator's HNet "
-                f"({self.hparams.upstream.get('path')}) has latent_dim {hnet.latent_dim}"
-            )
-        self.training_latents.prepare(gen, data.tensors["latents"])
+    def fit_statistics(self, data) -> None:
+        """Per-dimension mean and std of the training latents, and the question statistics of the
+        denoiser, computed once (kept in the checkpoint; a resumed run keeps its own)."""
         if bool(self.stats_ready):
             return
         lat = data.tensors["latents"].flatten(0, 1).to(self.device)
-        x = torch.cat([latents_from_adaptation(gen, chunk) for chunk in lat.split(4096)])
+        x = torch.cat([self.generator.from_adaptation(chunk) for chunk in lat.split(4096)])
         self.latent_mean.copy_(x.mean(0))
         self.latent_std.copy_(x.std(0).clamp(min=1e-6))
         self.denoiser.set_condition_stats(data.tensors["questions"].to(self.device).float())
@@ -165,7 +138,7 @@ class HyperLDMStage(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
-        x0 = self.standardize(self.training_latents(self.generator, batch))
+        x0 = self.standardize(self.training_latents(batch))
         B = x0.shape[0]
         t = torch.randint(0, self.hparams.timesteps, (B,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -226,7 +199,7 @@ class HyperLDMStage(L.LightningModule):
         z = self.sample_latents(
             batch.question, hp.val_gamma, self._seed(batch_idx), hp.val_sampler, hp.val_steps
         )
-        self.val_metrics["acc_zero_shot"].update(query_accuracy(self.generator, z, batch))
+        self.val_metrics["acc_zero_shot"].update(self.generator.query_accuracy(z, batch))
         self.val_metrics["latent_norm"].update(z.norm(dim=-1))
         for key, metric in self.val_metrics.items():
             self.log(f"val/{key}", metric, batch_size=len(batch))
@@ -237,33 +210,21 @@ class HyperLDMStage(L.LightningModule):
         with grad_enabled(batch) as b:
             for gamma in sorted(set(hp.gammas) | {hp.gamma}):
                 z = self.sample_latents(b.question, gamma, seed)
-                shots = None if gamma == hp.gamma else [0]
-                res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=shots)
-                self.collector.add(self.method, batch.task, res["model"], control="aligned", gamma=gamma)
-                if gamma == hp.gamma:
-                    self.latents.add(batch.task, z)
-                    self.collector.add("chance", batch.task, res["chance"])
-                    self.collector.add("majority", batch.task, res["majority"])
+                main = gamma == hp.gamma  # few-shot, latents and controls only at the main γ
+                res = self.protocol.evaluate(gen.adapter, b, z, gen.weights, shots=None if main else [0])
+                self.record(batch, res, "aligned", z if main else None, gamma=gamma)
             for control in hp.controls:
                 if control == "aligned":
                     continue
                 z = self.sample_latents(control_questions(b, control), hp.gamma, seed)
-                res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=[0])
-                self.collector.add(self.method, batch.task, res["model"], control=control, gamma=hp.gamma)
+                res = self.protocol.evaluate(gen.adapter, b, z, gen.weights, shots=[0])
+                self.record(batch, res, control, gamma=hp.gamma)
             for scale in hp.classifier_scales:
                 z = self.sample_latents(b.question, hp.gamma, seed, classifier_scale=scale)
-                res = self.protocol.evaluate(gen.adapter, b, z, to_weights=gen.weights, shots=[0, "full"])
-                self.collector.add(
-                    self.combined_method,
-                    batch.task,
-                    res["model"],
-                    control="aligned",
-                    gamma=hp.gamma,
-                    classifier_scale=scale,
+                res = self.protocol.evaluate(gen.adapter, b, z, gen.weights, shots=[0, "full"])
+                self.record(
+                    batch, res, "aligned", method=self.combined_method, gamma=hp.gamma, classifier_scale=scale
                 )
 
-    def on_test_epoch_end(self) -> None:
-        self.latents.write(
-            self, self.hparams.results_dir, self.method, gamma=self.hparams.gamma, seed=global_seed()
-        )
-        finish_test(self, self.collector, self.hparams.results_dir, f"HyperLDM ({self.method})")
+    def recorded_settings(self) -> dict:
+        return {"gamma": self.hparams.gamma}

@@ -1,6 +1,9 @@
-"""Meta-EasyVQA: the authors' Meta-VQA recipe (SPEC §2.1) applied to the offline ``easy-vqa`` package.
+"""Meta-EasyVQA: the authors' Meta-VQA recipe applied to the offline ``easy-vqa`` package.
 
-``prepare_easy_vqa`` builds a complete dataset folder (DESIGN.md "The embedded dataset")::
+The ``easy-vqa`` package ships 5,000 64×64 images of coloured shapes and ~48k question/answer pairs over
+107 distinct questions (colours, shapes, presence, and negated presence such as "is no red shape
+present?"). One task per question string, as the paper built Meta-VQA from VQA v2. ``prepare_easy_vqa``
+builds a complete dataset folder::
 
     meta_train.json, meta_test.json      random 70/30 task split (the authors' recipe)
     family/meta_train.json, family/meta_test.json   held-out question families (default: negated ones)
@@ -9,8 +12,8 @@
     features/easyclip-minilm/...         image, question and answer-prompt features
     dataset.json                         manifest, written last: its presence means complete
 
-Every question of the package is read through one ordered, declarative rule table (``RULES``) that gives
-its family and its answer template; a question that matches no rule is an error, not a silent default.
+Each question's family and answer template come from the rule table of
+:mod:`meta_vqa.data.easy_vqa_questions`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from pathlib import Path
 
 import torch
 
+from meta_vqa.data.easy_vqa_questions import (
+    DEFAULT_HELD_OUT,
+    FAMILIES,
+    SHAPES,
+    YES_NO,
+    prompt_template,
+    question_family,
+)
 from meta_vqa.data.encode import encode_dataset, load_images
 from meta_vqa.data.features import MANIFEST, read_manifest, verify_manifest, write_manifest
 from meta_vqa.data.tasks import Task, save_tasks, split_support_query, split_tasks, task_statistics
@@ -38,86 +49,7 @@ log = logging.getLogger(__name__)
 BUILDER = "easy-vqa"
 BUILDER_VERSION = 1
 ENCODER = "easyclip-minilm"
-SHAPES = ("circle", "rectangle", "triangle")
-YES_NO = ("yes", "no")
-MIN_IMAGES = 21  # SPEC §2.1 step 5: a task needs > 20 images
-
-
-@dataclass(frozen=True)
-class Family:
-    """A question family. ``mention_holds_if``: the answer for which the colour or shape named in the
-    question is in the image (``None``: always, e.g. "what color is the circle?" implies a circle)."""
-
-    name: str
-    mention_holds_if: str | None
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("color", None),
-        Family("shape_by_color", None),
-        Family("shape", None),
-        Family("presence", "yes"),
-        Family("negated_presence", "no"),
-    )
-}
-DEFAULT_HELD_OUT = ("negated_presence",)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``pattern`` (full match) → ``template`` (``re.Match.expand`` syntax, one ``{}`` answer slot)."""
-
-    pattern: str
-    template: str
-    family: str
-
-
-def _yes_no(pattern: str, statement: str, family: str) -> Rule:
-    """A yes/no rule whose filled prompt is a sensible sentence for "yes" and for "no"."""
-    return Rule(pattern, f"the answer to whether {statement} is {{}}", family)
-
-
-_NEG, _POS = "negated_presence", "presence"
-# Ordered: the first full match wins, so negated phrasings come before the plain ones.
-RULES: tuple[Rule, ...] = (
-    Rule(r"what colou?r is the (?P<obj>\w+)\?", r"the \g<obj> is {}", "color"),
-    Rule(r"what is the colou?r of the (?P<obj>\w+)\?", r"the color of the \g<obj> is {}", "color"),
-    Rule(r"what is the (?P<color>\w+) shape\?", r"the \g<color> shape is a {}", "shape_by_color"),
-    Rule(r"what shape does the image contain\?", "the image contains a {}", "shape"),
-    Rule(r"what shape is in the image\?", "a {} is in the image", "shape"),
-    Rule(r"what shape is present\?", "a {} is present", "shape"),
-    _yes_no(r"does the image not contain (?P<obj>an? [\w ]+)\?", r"the image does not contain \g<obj>", _NEG),
-    _yes_no(r"is no (?P<obj>[\w ]+) present\?", r"no \g<obj> is present", _NEG),
-    _yes_no(
-        r"is there not (?P<obj>an? [\w ]+?)(?P<at> in the image)?\?", r"there is not \g<obj>\g<at>", _NEG
-    ),
-    _yes_no(r"does the image contain (?P<obj>an? [\w ]+)\?", r"the image contains \g<obj>", _POS),
-    _yes_no(r"is (?P<obj>an? [\w ]+) present\?", r"\g<obj> is present", _POS),
-    _yes_no(r"is there (?P<obj>an? [\w ]+?)(?P<at> in the image)?\?", r"there is \g<obj>\g<at>", _POS),
-)
-_COMPILED = tuple((re.compile(r.pattern), r) for r in RULES)
-
-
-def classify_question(question: str) -> tuple[Rule, re.Match]:
-    """The first rule whose pattern matches the whole (lower-cased) question."""
-    for pattern, rule in _COMPILED:
-        m = pattern.fullmatch(question.strip().lower())
-        if m:
-            return rule, m
-    raise DataError(f"question {question!r} matches no rule of the easy-vqa rule table (add one to RULES)")
-
-
-def prompt_template(question: str) -> str:
-    """The answer template of a question, e.g. "what color is the circle?" → "the circle is {}"."""
-    rule, m = classify_question(question)
-    return m.expand(rule.template)
-
-
-def question_family(question: str) -> str:
-    """The family name of a question (a key of ``FAMILIES``)."""
-    return classify_question(question)[0].family
+MIN_IMAGES = 21  # the authors' recipe: a task needs more than 20 images
 
 
 # --- the package's data ---------------------------------------------------------------------------
@@ -217,7 +149,7 @@ def caption(color: str, shape: str) -> str:
 def build_tasks(
     qa: Iterable[tuple[str, str, str]], seed: int = 2021, min_images: int = MIN_IMAGES
 ) -> tuple[list[Task], dict]:
-    """SPEC §2.1 steps 2-6 on (question, answer, image) triples; returns the tasks and what was dropped.
+    """The authors' task recipe on (question, answer, image) triples; returns the tasks and what was dropped.
 
     One task per exact question string; an image counts once per question (first occurrence); answers
     with < 2 images are dropped; a question is kept with ≥ ``min_images`` images, ≥ 2 answers and no "or"
@@ -288,7 +220,7 @@ def clip_training_data(
 
 
 def _write_tasks(out: Path, data: PackageData, seed: int, held_out: Sequence[str]) -> dict:
-    """Tasks, both splits, prompts and families of SPEC §2.1 + this builder; returns them for later steps."""
+    """Tasks, both splits, prompts and families; returns them for the later steps."""
     questions = list(dict.fromkeys(q for q, _, _ in data.qa))
     prompts = {q: prompt_template(q) for q in questions}
     families = {q: question_family(q) for q in questions}

@@ -1,0 +1,71 @@
+"""``meta-vqa prepare``: the dataset builders (the only layer that trains a model to build data: the
+small CLIP of Meta-EasyVQA).
+
+* ``easy-vqa``: Meta-EasyVQA from the offline ``easy-vqa`` package (:mod:`meta_vqa.prepare.easy_vqa`);
+* ``synthetic``: the tiny learnable dataset of the tests and ``conf/smoke`` (:mod:`meta_vqa.prepare.synthetic`).
+
+Each builder writes a dataset folder (task files, prompts, the feature store, ``dataset.json``) that the
+DataModule of every stage reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from meta_vqa.errors import DataError, MetaVQAError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("easy-vqa", "synthetic", "meta-vqa")
+DEFAULT_OUT = {"easy-vqa": "data/easy_vqa", "synthetic": "data/synthetic", "meta-vqa": "data/meta_vqa"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meta-vqa prepare", description="Build a dataset folder.")
+    p.add_argument("dataset", choices=DATASETS, help="which dataset to build")
+    p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa, data/synthetic)")
+    p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
+    p.add_argument("--clip-epochs", type=int, default=None, help="epochs of the small CLIP's image tower")
+    p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run ``meta-vqa prepare`` with the arguments ``argv``; errors are :class:`MetaVQAError`."""
+    args = build_parser().parse_args(argv)
+    out = args.out or DEFAULT_OUT[args.dataset]
+    if args.dataset == "meta-vqa":
+        raise MetaVQAError(
+            "prepare meta-vqa is not yet available (needs VQA v2 and CLIP ViT-L/14@336px features)"
+        )
+    if args.dataset == "synthetic":
+        return prepare_synthetic(out, args.seed, args.force)
+    from meta_vqa.prepare.easy_vqa import prepare_easy_vqa
+
+    kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
+    if args.clip_epochs is not None:
+        kwargs["clip_epochs"] = args.clip_epochs
+    summary = prepare_easy_vqa(out, **kwargs)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def prepare_synthetic(out: str, seed: int, force: bool) -> int:
+    """The small synthetic dataset of the tests and conf/smoke (kept if already built)."""
+    from meta_vqa.data.features import read_manifest
+
+    root = Path(out)
+    if (root / "dataset.json").is_file() and not force:
+        if read_manifest(root).get("builder") != "synthetic":
+            raise DataError(f"{root / 'dataset.json'}: another dataset is there; choose another --out")
+        print(f"{root}: synthetic dataset already built (--force rebuilds it)")
+        return 0
+    from meta_vqa.prepare.synthetic import make_synthetic
+
+    make_synthetic(root, seed=0 if seed == 2021 else seed)
+    print(f"{root}: synthetic dataset built")
+    return 0

@@ -1,0 +1,97 @@
+"""What the meta-learned stages share: the MAML meta-step, the optimiser, and the test protocol.
+
+:class:`~meta_vqa.stages.base.BaseStage` (the baselines on the adapter's own weights) and
+:class:`~meta_vqa.stages.hnet.HNetStage` (a latent decoded by a hypernetwork) differ only in the
+per-task parameters they start from (``init_params``) and in how parameters become adapter weights
+(``to_weights``); the meta-step itself is :func:`meta_vqa.meta.maml.meta_gradient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning as L
+from torch import Tensor
+
+from meta_vqa.data.batch import TaskBatch
+from meta_vqa.eval.protocol import Protocol
+from meta_vqa.eval.results import ResultCollector
+from meta_vqa.meta.maml import InnerLoop, MetaStepStats, Split, meta_gradient
+from meta_vqa.nets.adapter import ResidualAdapter
+from meta_vqa.stages.common import finish_test, grad_enabled
+
+
+class MetaLearningStage(L.LightningModule):
+    """A stage meta-trained with batched MAML (zero inner steps: multitask training).
+
+    Subclasses set ``adapter``, ``train_loop``, ``protocol``, ``outer_split``, ``method`` and ``title``, and
+    hold the hyper-parameters ``inner_split``, ``chunk_size``, ``max_train_examples``, ``grad_clip`` and
+    ``results_dir``; they implement :meth:`init_params` (and :meth:`to_weights` where the parameters are
+    not weights).
+    """
+
+    adapter: ResidualAdapter
+    train_loop: InnerLoop
+    protocol: Protocol
+    outer_split: Split
+    method: str
+    title: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.collector = ResultCollector()
+
+    def init_params(self, batch: TaskBatch) -> Tensor:
+        """Per-task zero-shot parameters ``[B, P]`` (graph to the meta-parameters kept)."""
+        raise NotImplementedError
+
+    def to_weights(self, params: Tensor) -> Tensor:
+        """Flat adapter weights ``[B, D]`` of per-task parameters (identity: they are weights)."""
+        return params
+
+    # --- training ------------------------------------------------------------------------------------
+    def meta_gradient(
+        self, chunks: Iterable[TaskBatch], backward: Callable[[Tensor], None] = Tensor.backward
+    ) -> MetaStepStats:
+        """Accumulate the meta-gradient of a meta-batch given as chunks of tasks (see
+        :func:`meta_vqa.meta.maml.meta_gradient`); ``backward`` runs each chunk's backward pass."""
+        return meta_gradient(
+            chunks,
+            self.init_params,
+            self.to_weights,
+            self.adapter,
+            self.train_loop,
+            self.hparams.inner_split,
+            self.outer_split,
+            backward,
+        )
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        opt = self.optimizers()
+        opt.zero_grad()
+        batch = batch.subsample(hp.max_train_examples, hp.max_train_examples)
+        stats = self.meta_gradient(batch.chunks(hp.chunk_size), self.manual_backward)
+        if hp.grad_clip:  # before the step (the authors clipped after it, so it never acted)
+            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
+        self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
+        self.log_train_extras(stats)
+        return stats.loss
+
+    def log_train_extras(self, stats: MetaStepStats) -> None:
+        """Stage-specific training curves (nothing by default)."""
+
+    def configure_optimizers(self):
+        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+
+    # --- test: the evaluation protocol on the meta-test tasks -----------------------------------------
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        with grad_enabled(batch) as b:
+            res = self.protocol.evaluate(self.adapter, b, self.init_params(b).detach(), self.to_weights)
+        self.collector.add_evaluation(self.method, batch.task, res)
+
+    def on_test_epoch_end(self) -> None:
+        finish_test(self, self.collector, self.hparams.results_dir, self.title)
