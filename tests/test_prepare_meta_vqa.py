@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meta_vqa.errors import DataError
+from meta_vqa.data.tasks import load_tasks
+from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.prepare import vqa_recipe
 
 # --- a hand-made VQA v2 folder that exercises every rule of the recipe -----------------------------
@@ -155,3 +156,166 @@ def test_recipe_errors_name_the_file(tmp_path, vqa_root):
     ann.write_text(json.dumps(raw))
     with pytest.raises(DataError, match=r"v2_mscoco_val2014_annotations.json: annotations\[3\] lacks"):
         list(vqa_recipe.read_vqa_instances(vqa_root))
+
+
+# --- the authors' pickled features: restricted unpickling and import --------------------------------
+
+
+def test_restricted_unpickler_reads_numpy_1_and_2_files(tmp_path):
+    import numpy as np
+    from make_authors_features import save_pickled
+
+    from meta_vqa.prepare.pickles import load_feature_dict
+
+    d = {"q?": np.arange(6, dtype=np.float32).reshape(2, 3), "r?": np.ones((1, 3), np.float64)}
+    for numpy1 in (False, True):
+        path = tmp_path / f"f{int(numpy1)}.npy"
+        save_pickled(path, d, numpy1=numpy1)
+        assert (b"numpy.core." in path.read_bytes()) is numpy1
+        got = load_feature_dict(path)
+        assert got.keys() == d.keys() and all(np.array_equal(got[k], d[k]) for k in d)
+
+
+class _Payload:
+    """Pickles as a call of ``os.system`` (what a malicious feature file would hold)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    import numpy as np
+
+    from meta_vqa.prepare.pickles import load_pickled_npy
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.npy"
+    np.save(path, {"img": _Payload(marker)}, allow_pickle=True)
+    with pytest.raises(DataError) as e:
+        load_pickled_npy(path)
+    assert str(path) in str(e.value) and "posix.system" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_plain_arrays_and_junk_are_not_feature_dicts(tmp_path):
+    import numpy as np
+
+    from meta_vqa.prepare.pickles import load_feature_dict
+
+    np.save(tmp_path / "plain.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(DataError, match="plain <f4 array of shape"):
+        load_feature_dict(tmp_path / "plain.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(DataError, match="not a .npy file"):
+        load_feature_dict(tmp_path / "junk.npy")
+    np.save(tmp_path / "list.npy", {"k": [1, 2]}, allow_pickle=True)
+    with pytest.raises(DataError, match="features of 'k' must be a 2-d float array"):
+        load_feature_dict(tmp_path / "list.npy")
+
+
+@pytest.fixture
+def authors_set(tmp_path, vqa_root):
+    """The recipe's tasks from the hand-made VQA folder and random features in the authors' format."""
+    from make_authors_features import authors_feature_dicts, write_authors_features
+
+    train, test, _ = vqa_recipe.build_meta_vqa_tasks(vqa_root)
+    dicts = authors_feature_dicts(train + test, dim=12, extra_images=5)
+    feats = tmp_path / "Features"
+    files = write_authors_features(feats, dicts, numpy1=("questions",))
+    return {
+        "vqa_root": vqa_root,
+        "train": train,
+        "test": test,
+        "dicts": dicts,
+        "features": feats,
+        "files": files,
+    }
+
+
+def test_import_from_vqa_root_writes_a_checked_dataset(tmp_path, authors_set, capsys):
+    import numpy as np
+
+    from meta_vqa.data.features import FeatureStore, read_manifest
+    from meta_vqa.io import sha256_file
+    from meta_vqa.prepare import meta_vqa
+    from meta_vqa.prepare.authors_features import ENCODER
+
+    out = tmp_path / "data" / "meta_vqa"
+    args = ["--vqa-root", str(authors_set["vqa_root"]), "--features", str(authors_set["features"])]
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"]["meta_train"] == 3 and summary["recipe"]["tasks"] == 4
+    tasks = authors_set["train"] + authors_set["test"]
+    assert load_tasks(out / "meta_train.json") == authors_set["train"]
+    assert json.loads((out / "prompts.json").read_text()) == {
+        t.question: json.loads((authors_set["vqa_root"] / "prompt_meta.json").read_text())[t.question]
+        for t in tasks
+    }  # the tasks' templates only (E's is in the prompt file, E is no task)
+    store = FeatureStore.load(out, ENCODER, 12)
+    d = authors_set["dicts"]
+    assert len(store.image_ids) == len({i for t in tasks for i, _ in t.support + t.query})  # unused skipped
+    for row in (0, len(store.image_ids) - 1):
+        assert np.array_equal(store.images[row].numpy(), d["images"][store.image_ids[row]][0])
+    for i, q in enumerate(store.questions):
+        assert np.array_equal(store.question_features[i].numpy(), d["questions"][q][0])
+        rows = store.answer_features[store.answer_offsets[i] : store.answer_offsets[i + 1]]
+        assert np.array_equal(rows.numpy(), d["answers"][q])
+    manifest = read_manifest(out)
+    sources = manifest["features"]["sources"]
+    assert {k: v["sha256"] for k, v in sources.items()} == {
+        k: sha256_file(p) for k, p in authors_set["files"].items()
+    }
+    assert not any(p.suffix == ".npy" for p in out.rglob("*"))  # nothing downstream sees a pickle
+    assert not (out.parent / ".meta_vqa.partial").exists()
+
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] is True
+    (out / "prompts.json").write_text("{}")  # a changed file: verified, found, rebuilt
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] is False
+
+
+def test_import_names_the_first_missing_feature(tmp_path, authors_set):
+    from make_authors_features import save_pickled
+
+    from meta_vqa.prepare.meta_vqa import prepare_meta_vqa
+
+    d, files = authors_set["dicts"], authors_set["files"]
+    task = authors_set["test"][0]
+    image = task.query[-1][0]
+    images = dict(d["images"])
+    del images[image]
+    save_pickled(files["images"], images)
+    kw = {"vqa_root": authors_set["vqa_root"], "features": authors_set["features"]}
+    with pytest.raises(DataError) as e:
+        prepare_meta_vqa(tmp_path / "out", **kw)
+    msg = str(e.value)
+    assert str(files["images"]) in msg and repr(image) in msg and repr(task.question) in msg
+    assert "meta_test.json" in msg and not (tmp_path / "out").exists()
+
+    answers = dict(d["answers"])
+    answers[task.question] = answers[task.question][:, :7]
+    save_pickled(files["answers"], answers)
+    with pytest.raises(DataError, match=r"answer-prompt features of task .* have shape \(\d+, 7\)"):
+        prepare_meta_vqa(tmp_path / "out", **kw)
+
+
+def test_option_errors_are_one_line(tmp_path, authors_set):
+    from meta_vqa.prepare.meta_vqa import prepare_meta_vqa
+
+    root, feats = authors_set["vqa_root"], authors_set["features"]
+    with pytest.raises(ConfigError, match="exactly one of --features DIR"):
+        prepare_meta_vqa(tmp_path / "o", vqa_root=root, features=feats, coco_root=tmp_path)
+    with pytest.raises(ConfigError, match="exactly one of --tasks DIR"):
+        prepare_meta_vqa(tmp_path / "o", features=feats)
+    with pytest.raises(ConfigError, match="--coco-root .*absent: no such folder"):
+        prepare_meta_vqa(tmp_path / "o", vqa_root=root, coco_root=tmp_path / "absent")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds no dataset.json"):
+        prepare_meta_vqa(tmp_path / "busy", vqa_root=root, features=feats)
