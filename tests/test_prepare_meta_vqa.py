@@ -319,3 +319,201 @@ def test_option_errors_are_one_line(tmp_path, authors_set):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="holds no dataset.json"):
         prepare_meta_vqa(tmp_path / "busy", vqa_root=root, features=feats)
+
+
+# --- encoding with open_clip (a tiny registered model, random or file weights) -----------------------
+
+TINY = "MetaVQA-Tiny-Test"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """Registers a tiny open_clip config under :data:`TINY`; returns a weight file for it."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / f"{TINY}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{TINY}.json")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = open_clip.create_model(TINY, pretrained=None)
+    weights = folder / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return weights
+
+
+@pytest.fixture
+def coco_set(tmp_path) -> dict:
+    """Seven JPEGs (RGB and greyscale, odd sizes) in COCO's folders, two tasks and their prompts."""
+    from PIL import Image
+
+    from meta_vqa.data.tasks import Task, save_tasks
+
+    rng = random.Random(0)
+    coco = tmp_path / "coco"
+    ids = [f"COCO_train2014_{i:012d}" for i in range(1, 5)] + [f"COCO_val2014_{i:012d}" for i in range(1, 4)]
+    for k, img in enumerate(ids):
+        mode, size = ("L", (41, 23)) if k % 3 == 0 else ("RGB", (37 + k, 50))
+        pixels = bytes(rng.randrange(256) for _ in range(size[0] * size[1] * len(mode)))
+        (coco / img.split("_")[1]).mkdir(parents=True, exist_ok=True)
+        Image.frombytes(mode, size, pixels).save(coco / img.split("_")[1] / f"{img}.jpg", quality=90)
+    t1 = Task(
+        "What color is it?", ("red", "dark_blue"), ((ids[0], 0), (ids[1], 1), (ids[2], 0)), ((ids[3], 1),)
+    )
+    t2 = Task("How many?", ("1", "2"), ((ids[4], 0), (ids[5], 1)), ((ids[6], 0), (ids[0], 1)))
+    tasks = tmp_path / "tasks"
+    save_tasks(tasks / "meta_train.json", [t1])
+    save_tasks(tasks / "meta_test.json", [t2])
+    (tasks / "prompt_meta.json").write_text(json.dumps({t1.question: "it is {}", t2.question: "{} things"}))
+    return {"coco": coco, "tasks": tasks, "ids": sorted(ids), "task_list": [t1, t2]}
+
+
+def test_preprocessing_is_the_authors_transform(coco_set):
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from meta_vqa.prepare.clip_encode import load_image, to_model_input
+    from meta_vqa.prepare.vqa_recipe import SUBSETS
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    authors = T.Compose(
+        [
+            T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    files = [p for s in SUBSETS for p in sorted((coco_set["coco"] / s).glob("*.jpg"))]
+    assert len(files) == 7
+    for path in files:
+        ours = to_model_input(load_image(path, 32)[None], mean, std)[0]
+        with Image.open(path) as im:
+            assert torch.allclose(ours, authors(im), atol=1e-5), path
+
+
+def _counting(monkeypatch) -> dict:
+    """Counts ``encode_image`` calls of every encoder the builder loads."""
+    from meta_vqa.prepare import clip_encode
+
+    calls = {"encode_image": 0}
+    real = clip_encode.load_clip_encoder
+
+    def load(*args, **kwargs):
+        encoder = real(*args, **kwargs)
+        inner = encoder.model.encode_image
+
+        def counted(x, *a, **kw):
+            calls["encode_image"] += 1
+            return inner(x, *a, **kw)
+
+        encoder.model.encode_image = counted
+        return encoder
+
+    monkeypatch.setattr(clip_encode, "load_clip_encoder", load)
+    return calls
+
+
+def test_killed_encoding_resumes_from_finished_shards(tmp_path, tiny_clip, coco_set, monkeypatch):
+    from meta_vqa.data.features import FeatureStore
+    from meta_vqa.prepare import clip_encode
+    from meta_vqa.prepare.meta_vqa import prepare_meta_vqa
+
+    out = tmp_path / "data" / "meta_vqa"
+    kw = {"tasks": coco_set["tasks"], "coco_root": coco_set["coco"], "clip": TINY, "pretrained": "none"}
+    kw |= {"device": "cpu", "batch_size": 2, "shard_size": 3, "workers": 0, "progress": False}
+    calls = _counting(monkeypatch)
+    real_write = clip_encode._write_shard
+    writes = []
+
+    def write_then_die(path, *args):
+        if writes:
+            raise RuntimeError("killed")
+        writes.append(path.name)
+        real_write(path, *args)
+
+    monkeypatch.setattr(clip_encode, "_write_shard", write_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare_meta_vqa(out, **kw)
+    assert calls["encode_image"] == 4  # shard 0 (2 batches) written, shard 1 (2 batches) lost
+    assert not out.exists()  # nothing that looks like a dataset
+    shards = out.parent / ".meta_vqa.partial" / "shards"
+    assert sorted(p.name for p in shards.glob("images-*")) == ["images-00000.safetensors"]
+
+    monkeypatch.setattr(clip_encode, "_write_shard", real_write)
+    calls["encode_image"] = 0
+    summary = prepare_meta_vqa(out, **kw)
+    assert calls["encode_image"] == 3  # shards 1 and 2 only: 2 + 1 batches
+    assert summary["encoder"] == "metavqa-tiny-test-random" and summary["dim"] == 16
+
+    calls["encode_image"] = 0
+    fresh = prepare_meta_vqa(tmp_path / "fresh", **kw)  # one uninterrupted run gives the same features
+    assert calls["encode_image"] == 5 and not fresh["reused"]  # 2 + 2 + 1 batches
+    resumed = FeatureStore.load(out, summary["encoder"])
+    whole = FeatureStore.load(tmp_path / "fresh", summary["encoder"])
+    assert resumed.image_ids == whole.image_ids == coco_set["ids"]
+    assert (resumed.images == whole.images).all()
+    assert prepare_meta_vqa(out, **kw)["reused"] is True
+
+
+def test_encoding_with_a_weight_file_matches_the_model(tmp_path, tiny_clip, coco_set):
+    import open_clip
+    import torch
+
+    from meta_vqa.data.features import FeatureStore, read_manifest
+    from meta_vqa.data.tasks import fill_prompt
+    from meta_vqa.io import sha256_file
+    from meta_vqa.prepare.clip_encode import load_image, to_model_input
+    from meta_vqa.prepare.meta_vqa import main
+
+    out = tmp_path / "out"
+    args = ["--tasks", str(coco_set["tasks"]), "--coco-root", str(coco_set["coco"]), "--clip", TINY]
+    args += ["--pretrained", str(tiny_clip), "--device", "cpu", "--workers", "0", "--no-progress"]
+    assert main([*args, "--out", str(out), "--batch-size", "4"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["features"]["clip"]["weights_sha256"] == sha256_file(tiny_clip)
+    assert manifest["features"]["preprocessing"]["image_size"] == 32
+    assert manifest["counts"] | {"images": 7} == manifest["counts"]
+    store = FeatureStore.load(out, manifest["encoder"], manifest["dim"])
+
+    model = open_clip.create_model(TINY, pretrained=str(tiny_clip)).eval()
+    tok = open_clip.get_tokenizer(TINY)
+    prep = manifest["features"]["preprocessing"]
+    paths = [coco_set["coco"] / i.split("_")[1] / f"{i}.jpg" for i in store.image_ids]
+    pixels = torch.stack([load_image(p, 32) for p in paths])
+    with torch.no_grad():
+        images = model.encode_image(to_model_input(pixels, prep["mean"], prep["std"]))
+        questions = model.encode_text(tok(store.questions))
+        t1 = coco_set["task_list"][0]
+        prompts = model.encode_text(tok([fill_prompt("it is {}", a) for a in t1.answers]))
+    assert torch.allclose(store.images, images, atol=1e-5)
+    assert torch.allclose(store.question_features, questions, atol=1e-5)
+    row = store.questions.index(t1.question)  # "dark_blue" is encoded as "it is dark blue"
+    start = int(store.answer_offsets[row])
+    assert torch.allclose(store.answer_features[start : start + 2], prompts, atol=1e-5)
+
+
+def test_missing_image_and_bad_settings_are_named(tmp_path, tiny_clip, coco_set):
+    from meta_vqa.prepare.meta_vqa import prepare_meta_vqa
+
+    kw = {"tasks": coco_set["tasks"], "coco_root": coco_set["coco"], "clip": TINY, "device": "cpu"}
+    with pytest.raises(ConfigError, match="--precision fp16 needs a CUDA device"):
+        prepare_meta_vqa(tmp_path / "o", pretrained="none", precision="fp16", **kw)
+    with pytest.raises(ConfigError, match="--pretrained laion: neither a file nor a weight tag"):
+        prepare_meta_vqa(tmp_path / "o", pretrained="laion", **kw)
+    broken = coco_set["coco"] / "train2014" / f"{coco_set['ids'][1]}.jpg"
+    broken.write_bytes(b"not a jpeg")  # decoded in a worker process; the error comes back as one line
+    with pytest.raises(DataError, match=f"^{broken}: cannot read image [^\n]*$"):
+        prepare_meta_vqa(tmp_path / "o", pretrained="none", workers=1, progress=False, **kw)
+    missing = coco_set["ids"][-1]
+    (coco_set["coco"] / "val2014" / f"{missing}.jpg").unlink()
+    with pytest.raises(DataError, match=f"image '{missing}' of task 'How many\\?' not found"):
+        prepare_meta_vqa(tmp_path / "o", pretrained="none", **kw)

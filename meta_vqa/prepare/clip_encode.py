@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+RANDOM_WEIGHTS_SEED = 0
 PREPROCESSING = "whole image resized to the model input size (bicubic, no crop), RGB, /255, mean/std"
 
 
@@ -85,8 +86,15 @@ def load_clip_encoder(name: str, pretrained: str | None, device: torch.device | 
         raise ConfigError(
             f"--pretrained {pretrained}: neither a file nor a weight tag of {name} (tags: {tags})"
         )
+    if pretrained is None:
+        info["seed"] = RANDOM_WEIGHTS_SEED
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        # Random weights are seeded (on a forked RNG), so every run draws the same ones and a resumed
+        # encoding stays consistent with its finished shards.
+        with torch.random.fork_rng(devices=[], enabled=pretrained is None):
+            if pretrained is None:
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = open_clip.create_model(name, pretrained=pretrained, device=device)
     except Exception as e:  # network, cache and checkpoint errors come in many types
         raise DataError(f"--pretrained {pretrained}: cannot load the weights of {name} ({e})") from None
     cfg = open_clip.get_model_preprocess_cfg(model)
