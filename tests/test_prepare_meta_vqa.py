@@ -517,3 +517,60 @@ def test_missing_image_and_bad_settings_are_named(tmp_path, tiny_clip, coco_set)
     (coco_set["coco"] / "val2014" / f"{missing}.jpg").unlink()
     with pytest.raises(DataError, match=f"image '{missing}' of task 'How many\\?' not found"):
         prepare_meta_vqa(tmp_path / "o", pretrained="none", **kw)
+
+
+# --- synthetic features for the real task files ------------------------------------------------------
+
+
+def test_synthetic_features_for_the_real_task_files(tmp_path, meta_vqa_files, capsys):
+    import torch
+    import torch.nn.functional as F
+
+    from meta_vqa.data.datamodule import MetaVQADataModule
+    from meta_vqa.prepare import synthetic_tasks
+
+    out = tmp_path / "synthetic"
+    args = ["--tasks", str(meta_vqa_files), "--dim", "64", "--out", str(out), "--seed", "3"]
+    assert synthetic_tasks.main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"] == {
+        "meta_train": 870,
+        "meta_test": 373,
+        "images": 64_665,
+        "questions": 1_243,
+        "answer_prompts": 11_359,
+    }
+    assert (out / "meta_train.json").read_bytes() == (meta_vqa_files / "meta_train.json").read_bytes()
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["What color is the bowl?"] == "the bowl is {}" and len(prompts) == 1_243
+
+    dm = MetaVQADataModule(str(out), batch_size=4, val_fraction=0.1)
+    assert (len(dm.train_tasks) + len(dm.val_tasks), len(dm.test_tasks)) == (870, 373)
+    assert dm.feature_dim == dm.question_dim == 64
+    batch = dm.to_batch(next(iter(dm.loader("test", batch_size=3))))
+    k = int(batch.answer_mask.sum(1).max())
+    assert batch.question.shape == (3, 64) and batch.answers.shape == (3, k, 64)
+    assert batch.support_x.shape[::2] == (3, 64) and batch.query_x.shape[:1] == (3,)
+
+    q = F.normalize(dm.store.question_features, dim=1)
+    assert (q @ q.T).fill_diagonal_(-1).max() < 0.99  # every task's question embedding is its own
+
+    # learnable: reading the prompts zero-shot and nearest support prototypes both beat chance by far
+    store, row = dm.store, {img: i for i, img in enumerate(dm.store.image_ids)}
+    chance, zero_shot, prototype = [], [], []
+    for t in dm.test_tasks[:120]:
+        q = store.questions.index(t.question)
+        prompts_x = store.answer_features[store.answer_offsets[q] : store.answer_offsets[q + 1]]
+        x = F.normalize(store.images[[row[i] for i, _ in t.query]], dim=1)
+        y = torch.tensor([y for _, y in t.query])
+        s = store.images[[row[i] for i, _ in t.support]]
+        sy = torch.tensor([y for _, y in t.support])
+        protos = torch.stack([s[sy == c].mean(0) for c in range(t.num_answers)])
+        zero_shot.append((x @ F.normalize(prompts_x, dim=1).T).argmax(1).eq(y).float().mean())
+        prototype.append((x @ F.normalize(protos, dim=1).T).argmax(1).eq(y).float().mean())
+        chance.append(1 / t.num_answers)
+    mean = lambda v: float(sum(v) / len(v))
+    assert mean(zero_shot) > mean(chance) + 0.2 and mean(prototype) > mean(chance) + 0.2
+
+    assert synthetic_tasks.main(args) == 0  # a complete, unchanged dataset is kept
+    assert json.loads(capsys.readouterr().out)["reused"] is True
