@@ -553,7 +553,7 @@ def test_synthetic_features_for_the_real_task_files(tmp_path, meta_vqa_files, ca
     assert batch.support_x.shape[::2] == (3, 64) and batch.query_x.shape[:1] == (3,)
 
     q = F.normalize(dm.store.question_features, dim=1)
-    assert (q @ q.T).fill_diagonal_(-1).max() < 0.99  # every task's question embedding is its own
+    assert (q @ q.T).fill_diagonal_(-1).max() < 0.98  # every task's question embedding is its own
 
     # learnable: reading the prompts zero-shot and nearest support prototypes both beat chance by far
     store, row = dm.store, {img: i for i, img in enumerate(dm.store.image_ids)}

@@ -11,7 +11,8 @@ examples and up to 203 answers. The features carry learnable structure like the 
   label is readable from it in each of its tasks;
 * a question embedding is its kind's direction, a "flip" direction for the quarter of tasks whose answer
   prompts are rolled by one (like the negated questions of the small set: zero-shot reading of the prompts
-  is wrong there, and only the question says so), and a little per-task noise that tells tasks apart;
+  is wrong there, and only the question says so), and per-task noise that tells tasks apart (cosine
+  ≈ 0.8 between two questions of one kind);
 * an answer prompt is the value of its answer (for flipped tasks: of the next answer) plus noise, so
   reading the prompts zero-shot is informative but imperfect and the support set still helps.
 """
@@ -93,7 +94,7 @@ def synthesise_features(
     kind_dir = torch.randn(n_kinds, dim, generator=g) * scale
     flip_dir = torch.randn(dim, generator=g) * scale
     questions = kind_dir[kind] + flipped[:, None].float() * flip_dir
-    questions += 0.2 * scale * torch.randn(len(tasks), dim, generator=g)
+    questions += 0.5 * scale * torch.randn(len(tasks), dim, generator=g)
     answers = []
     for ti, t in enumerate(tasks):
         value_rows = torch.tensor([pair_row[(int(kind[ti]), a)] for a in t.answers])
