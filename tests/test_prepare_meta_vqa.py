@@ -519,6 +519,18 @@ def test_missing_image_and_bad_settings_are_named(tmp_path, tiny_clip, coco_set)
         prepare_meta_vqa(tmp_path / "o", pretrained="none", **kw)
 
 
+def test_image_throughput_figures(tiny_clip):
+    from meta_vqa.prepare.clip_bench import image_throughput
+
+    figures = image_throughput(TINY, batch_size=2, batches=2, precisions=("fp32", "bf16"), device="cpu")
+    keys = {"bench", "figure", "value", "unit", "baseline_value", "ratio", "device", "config"}
+    assert [f["figure"] for f in figures] == ["image_encode_fp32", "image_encode_bf16"]
+    assert all(set(f) == keys and f["value"] > 0 and f["unit"] == "images/s" for f in figures)
+    fp32, bf16 = figures
+    assert fp32["baseline_value"] is None and bf16["baseline_value"] == fp32["value"]
+    assert bf16["ratio"] == pytest.approx(bf16["value"] / fp32["value"])
+
+
 # --- synthetic features for the real task files ------------------------------------------------------
 
 
