@@ -239,6 +239,7 @@ def authors_set(tmp_path, vqa_root):
 
 def test_import_from_vqa_root_writes_a_checked_dataset(tmp_path, authors_set, capsys):
     import numpy as np
+    from make_authors_features import save_pickled
 
     from meta_vqa.data.features import FeatureStore, read_manifest
     from meta_vqa.io import sha256_file
@@ -278,6 +279,12 @@ def test_import_from_vqa_root_writes_a_checked_dataset(tmp_path, authors_set, ca
     (out / "prompts.json").write_text("{}")  # a changed file: verified, found, rebuilt
     assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is False
+    questions = {q: 2 * v for q, v in d["questions"].items()}  # new source features: rebuilt too
+    save_pickled(authors_set["files"]["questions"], questions)
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] is False
+    store = FeatureStore.load(out, ENCODER, 12)
+    assert np.array_equal(store.question_features[0].numpy(), questions[store.questions[0]][0])
 
 
 def test_import_names_the_first_missing_feature(tmp_path, authors_set):

@@ -16,9 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from meta_vqa.data.features import write_manifest
+from meta_vqa.data.features import write_features, write_manifest
 from meta_vqa.data.tasks import Task, load_prompts, load_tasks
 from meta_vqa.errors import ConfigError
+from meta_vqa.io import sha256_file
 from meta_vqa.prepare import authors_features, clip_encode
 from meta_vqa.prepare.layout import TASK_FILES, common_info, task_images, write_prompts, write_task_files
 from meta_vqa.prepare.staging import normalise, publish, reusable, staging_dir
@@ -130,6 +131,9 @@ def prepare_meta_vqa(
         }
     out = Path(out)
     kept = reusable(out, BUILDER, BUILDER_VERSION, options, force)
+    if kept is not None and _inputs_changed(kept, tasks, features):
+        log.info("%s: its task or feature files changed since the build; rebuilding", out)
+        kept = None
     if kept is not None:
         log.info("%s: dataset complete and valid, reusing it", out)
         return _summary(out, kept, True, {"total": time.perf_counter() - start})
@@ -174,6 +178,21 @@ def prepare_meta_vqa(
     return _summary(out, manifest, False, times)
 
 
+def _inputs_changed(manifest: dict, tasks: str | Path | None, features: str | Path | None) -> bool:
+    """Whether the given task files or the authors' feature files differ from those the dataset was built
+    from (cheap: a few hundred MB hashed; raw VQA and COCO folders are not re-hashed, --force rebuilds)."""
+    if tasks is not None:
+        for name in TASK_FILES:
+            if manifest.get("files", {}).get(name) != sha256_file(Path(tasks) / name):
+                return True
+    if features is not None:
+        recorded = manifest.get("features", {}).get("sources", {})
+        for kind, path in authors_features.authors_feature_files(features).items():
+            if recorded.get(kind, {}).get("sha256") != sha256_file(path):
+                return True
+    return False
+
+
 def _clean_staging(staging: Path, keep_shards: bool) -> None:
     """An empty build folder, except the image shards an interrupted encoding left (they check themselves)."""
     if staging.is_dir():
@@ -189,8 +208,6 @@ def _encode(
     device: str, precision: clip_encode.Precision, batch_size: int, shard_size: int, workers: int | None,
     progress: bool,
 ) -> tuple[str, dict, dict]:  # fmt: skip
-    from meta_vqa.data.features import write_features
-
     dev = clip_encode.resolve_device(device)
     clip_encode.autocast(dev, precision)  # reject a bad precision before the (slow) model build
     image_ids = task_images(tasks)
