@@ -147,6 +147,25 @@ def test_task_split_is_the_authors_shuffle(vqa_root):
     assert report["statistics"]["meta_train"]["tasks"] == 3
 
 
+def test_the_published_files_follow_the_recipes_splits(meta_vqa_files):
+    """ques_ans_count.json lists the tasks in the recipe's order before the task split: shuffling that
+    order as the recipe does must give the published meta-train and meta-test files, key order included;
+    support and query lists run over the answers in order, and every answer's support share is round(0.7 n)."""
+    from meta_vqa.data.tasks import split_tasks
+
+    counts = json.loads((meta_vqa_files / "ques_ans_count.json").read_text())
+    train = load_tasks(meta_vqa_files / "meta_train.json")
+    test = load_tasks(meta_vqa_files / "meta_test.json")
+    split_train, split_test = split_tasks(list(counts), seed=vqa_recipe.SEED)
+    assert split_train == [t.question for t in train] and split_test == [t.question for t in test]
+    for t in train + test:
+        assert tuple(counts[t.question]) == t.answers
+        for part in (t.support, t.query):  # concatenated over answers, in answer order
+            assert [y for _, y in part] == sorted(y for _, y in part)
+        for label, n in enumerate(counts[t.question].values()):
+            assert sum(1 for _, y in t.support if y == label) == round(0.7 * n), (t.question, label)
+
+
 def test_recipe_errors_name_the_file(tmp_path, vqa_root):
     with pytest.raises(DataError, match="v2_OpenEnded_mscoco_train2014_questions.json not found"):
         list(vqa_recipe.read_vqa_instances(tmp_path / "absent"))
