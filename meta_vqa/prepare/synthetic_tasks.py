@@ -70,12 +70,13 @@ def synthesise_features(
     noise, prompt_noise = (n * math.sqrt(dim / REFERENCE_DIM) for n in (noise, prompt_noise))
     kind = torch.randint(0, n_kinds, (len(tasks),), generator=g)
     flipped = torch.rand(len(tasks), generator=g) < flip_fraction
+    kinds, flips = kind.tolist(), flipped.tolist()
     vocab = {a: i for i, a in enumerate(dict.fromkeys(a for t in tasks for a in t.answers))}
     shared = torch.randn(len(vocab), dim, generator=g) * scale
     pair_row: dict[tuple[int, str], int] = {}
     for ti, t in enumerate(tasks):
         for a in t.answers:
-            pair_row.setdefault((int(kind[ti]), a), len(pair_row))
+            pair_row.setdefault((kinds[ti], a), len(pair_row))
     pair_answer = torch.tensor([vocab[a] for _, a in pair_row], dtype=torch.long)
     values = (shared[pair_answer] + torch.randn(len(pair_row), dim, generator=g) * scale) / math.sqrt(2)
 
@@ -83,7 +84,7 @@ def synthesise_features(
     images = torch.randn(len(image_ids), dim, generator=g).mul_(noise * scale)
     rows, vals = [], []
     for ti, t in enumerate(tasks):
-        value_rows = [pair_row[(int(kind[ti]), a)] for a in t.answers]
+        value_rows = [pair_row[(kinds[ti], a)] for a in t.answers]
         for img, y in t.support + t.query:
             rows.append(row_of[img])
             vals.append(value_rows[y])
@@ -95,14 +96,14 @@ def synthesise_features(
     flip_dir = torch.randn(dim, generator=g) * scale
     questions = kind_dir[kind] + flipped[:, None].float() * flip_dir
     questions += 0.5 * scale * torch.randn(len(tasks), dim, generator=g)
-    answers = []
+    prompt_rows = []
     for ti, t in enumerate(tasks):
-        value_rows = torch.tensor([pair_row[(int(kind[ti]), a)] for a in t.answers])
-        if flipped[ti]:
-            value_rows = torch.roll(value_rows, 1)
-        answers.append(
-            values[value_rows] + prompt_noise * scale * torch.randn(len(value_rows), dim, generator=g)
-        )
+        value_rows = [pair_row[(kinds[ti], a)] for a in t.answers]
+        prompt_rows += value_rows[-1:] + value_rows[:-1] if flips[ti] else value_rows  # rolled by one
+    # one gather and one draw for all prompts: thousands of small tensors made this step slow
+    prompts = values[torch.tensor(prompt_rows)]
+    prompts += prompt_noise * scale * torch.randn(len(prompt_rows), dim, generator=g)
+    answers = list(torch.split(prompts, [t.num_answers for t in tasks]))
     return {"images": images, "questions": questions, "answers": answers, "kind": kind, "flipped": flipped}
 
 
