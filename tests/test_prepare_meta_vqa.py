@@ -150,7 +150,7 @@ def test_task_split_is_the_authors_shuffle(vqa_root):
 def test_the_published_files_follow_the_recipes_splits(meta_vqa_files):
     """ques_ans_count.json lists the tasks in the recipe's order before the task split: shuffling that
     order as the recipe does must give the published meta-train and meta-test files, key order included;
-    support and query lists run over the answers in order, and every answer's support share is round(0.7 n)."""
+    support and query lists run over the answers in order; each answer's support share is round(0.7 n)."""
     from meta_vqa.data.tasks import split_tasks
 
     counts = json.loads((meta_vqa_files / "ques_ans_count.json").read_text())

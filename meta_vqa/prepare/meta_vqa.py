@@ -308,10 +308,11 @@ def main(argv: list[str]) -> int:
     """``meta-vqa prepare meta-vqa [options]``; prints the summary (statistics included) as JSON."""
     args = build_parser().parse_args(argv)
     summary = prepare_meta_vqa(
-        args.out, tasks=args.tasks, vqa_root=args.vqa_root, features=args.features, coco_root=args.coco_root,
-        prompts=args.prompts, clip=args.clip, pretrained=args.pretrained, device=args.device,
-        precision=args.precision, batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
-        seed=args.seed, force=args.force, progress=not args.no_progress,
+        args.out, tasks=args.tasks, vqa_root=args.vqa_root, features=args.features,
+        coco_root=args.coco_root, prompts=args.prompts, clip=args.clip, pretrained=args.pretrained,
+        device=args.device, precision=args.precision, batch_size=args.batch_size,
+        shard_size=args.shard_size, workers=args.workers, seed=args.seed, force=args.force,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(json.dumps(summary, indent=1, default=str))
     return 0
