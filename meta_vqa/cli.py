@@ -1,7 +1,7 @@
 """The ``meta-vqa`` command.
 
 Verbs:
-  prepare easy-vqa         build the embedded Meta-EasyVQA dataset (tasks, small CLIP, features)
+  prepare easy-vqa|meta-vqa|synthetic   build a dataset folder (tasks, prompts, features)
   fit|validate|test|predict  train / evaluate a stage from YAML (LightningCLI, omegaconf mode)
   report PATH...           aggregate results.json files into one table (mean ± std over seeds)
   bench NAME               measure a performance figure against the straightforward baseline
@@ -26,13 +26,16 @@ Meta-learning via classifier(-free) diffusion guidance: generate task-specific n
 task description.
 
 verbs:
-  prepare easy-vqa|synthetic [--out DIR]  build the embedded Meta-EasyVQA (or the tiny test) dataset
+  prepare easy-vqa|meta-vqa|synthetic [--out DIR]  build a dataset: the embedded Meta-EasyVQA, the
+                                  paper's Meta-VQA (--tasks/--vqa-root, --features/--coco-root), or
+                                  synthetic features (the tiny test set, or --tasks DIR: real task files)
   fit       -c CONFIG.yaml        train a stage (LightningCLI; any config key can be overridden: --model.x v)
   validate  -c CONFIG.yaml        evaluate a stage on the validation tasks
   test      -c CONFIG.yaml        zero-/few-shot evaluation on the meta-test tasks; writes results.json/.md
   predict   -c CONFIG.yaml        run a stage's predict step (e.g. the adaptation dataset)
   report    RUN [--out DIR]       tables over seeds and splits, claims, memorisation, plots (RUN/report)
-  bench     maml|hnet|sample [--json]  batched vs per-task throughput; DDPM vs DDIM/DPM sampling
+  bench     maml|hnet|sample|clip [--json]  batched vs per-task throughput; DDPM vs DDIM/DPM sampling;
+                                  CLIP image-encoding throughput
   generate  --run RUN --question Q --answers a,b [--image P ...]   adapter weights from a description
   pipeline  -c PIPELINE.yaml [--seeds N] [--out DIR] [--splits random family]
                                   prepare → base → hnet → adaptation → hvae → hyperclip → hyperldm → report;

@@ -8,6 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "meta_vqa"
 # rank of each top-level part of the package; a module may import parts of a lower rank or its own part
 RANK = {
     "errors": 0,
+    "device": 0.5,
     "io": 0.5,  # raises the errors
     "nets": 1,
     "diffusion": 1,

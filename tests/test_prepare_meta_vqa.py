@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meta_vqa.data.tasks import load_tasks
+from meta_vqa.data.tasks import build_tasks, load_tasks
 from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.prepare import vqa_recipe
 
@@ -108,11 +108,16 @@ def vqa_root(tmp_path) -> Path:
 def test_recipe_applies_every_rule(vqa_root):
     instances = list(vqa_recipe.read_vqa_instances(vqa_root))
     assert all(a != "yes" for _, a, _ in instances)  # yes/no instances never leave the reader
-    tasks, report = vqa_recipe.build_tasks(instances)
+    tasks, report = build_tasks(instances)
     by_q = {t.question: t for t in tasks}
     # first appearance walking train2014 then val2014 annotations; B (20 images), D, E dropped
     assert [t.question for t in tasks] == [C, A, A_LOWER, G]
-    assert report["dropped"] == {"or_question": 1, "too_few_images": 1, "too_few_answers": 1}
+    assert {k: len(v) for k, v in report["dropped"].items()} == {
+        "or_question": 1,
+        "too_few_images": 1,
+        "too_few_answers": 1,
+    }
+    assert report["dropped"]["too_few_images"] == [B]
     assert report["questions"] == 7
 
     a = by_q[A]
@@ -134,8 +139,8 @@ def test_recipe_applies_every_rule(vqa_root):
 def test_threshold_is_more_than_20_images():
     rows = [("q1?", "x", f"img{i}") for i in range(10)] + [("q1?", "y", f"img{i}") for i in range(10, 20)]
     rows += [("q2?", "x", f"img{i}") for i in range(11)] + [("q2?", "y", f"img{i}") for i in range(11, 21)]
-    tasks, report = vqa_recipe.build_tasks(rows)
-    assert [t.question for t in tasks] == ["q2?"] and report["dropped"]["too_few_images"] == 1
+    tasks, report = build_tasks(rows)
+    assert [t.question for t in tasks] == ["q2?"] and report["dropped"]["too_few_images"] == ["q1?"]
 
 
 def test_task_split_is_the_authors_shuffle(vqa_root):
@@ -406,7 +411,8 @@ def test_preprocessing_is_the_authors_transform(coco_set):
     from PIL import Image
     from torchvision import transforms as T
 
-    from meta_vqa.prepare.clip_encode import load_image, to_model_input
+    from meta_vqa.data.encode import images_to_input as to_model_input
+    from meta_vqa.prepare.clip_encode import load_image
     from meta_vqa.prepare.vqa_recipe import SUBSETS
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -494,10 +500,11 @@ def test_encoding_with_a_weight_file_matches_the_model(tmp_path, tiny_clip, coco
     import open_clip
     import torch
 
+    from meta_vqa.data.encode import images_to_input as to_model_input
     from meta_vqa.data.features import FeatureStore, read_manifest
     from meta_vqa.data.tasks import fill_prompt
     from meta_vqa.io import sha256_file
-    from meta_vqa.prepare.clip_encode import load_image, to_model_input
+    from meta_vqa.prepare.clip_encode import load_image
     from meta_vqa.prepare.meta_vqa import main
 
     out = tmp_path / "out"

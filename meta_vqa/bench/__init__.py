@@ -16,24 +16,16 @@ from collections.abc import Callable
 
 import torch
 
+from meta_vqa.device import device_name, resolve_device  # noqa: F401  (the benches import them from here)
 from meta_vqa.errors import MetaVQAError
 
-BENCHES = {"maml": "meta_vqa.bench.maml", "hnet": "meta_vqa.bench.hnet", "sample": "meta_vqa.bench.sample"}
+BENCHES = {
+    "maml": "meta_vqa.bench.maml",
+    "hnet": "meta_vqa.bench.hnet",
+    "sample": "meta_vqa.bench.sample",
+    "clip": "meta_vqa.prepare.clip_bench",
+}
 LATER: dict[str, str] = {}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MetaVQAError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:

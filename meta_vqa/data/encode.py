@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from meta_vqa.data.features import write_features
 from meta_vqa.data.tasks import Task, fill_prompt
+from meta_vqa.device import Precision, autocast
 from meta_vqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,20 @@ def encode_texts(
     batch_size: int = 256,
     progress: bool = True,
     desc: str = "encode texts",
+    precision: Precision = "fp32",
 ) -> torch.Tensor:
-    """Raw ``encode_text`` features ``[T, d]`` (float32, CPU), in batches; duplicates are encoded once."""
+    """Raw ``encode_text`` features ``[T, d]`` (float32, CPU), in batches; duplicates are encoded once.
+
+    ``precision``: autocast of the forward pass (the features are stored in float32 either way).
+    """
     model.eval()
     device = next(model.parameters()).device
     unique = list(dict.fromkeys(texts))
     chunks = []
     for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not progress):
         tokens = tokenizer(unique[start : start + batch_size]).to(device)
-        chunks.append(model.encode_text(tokens).float().cpu())
+        with autocast(device, precision):
+            chunks.append(model.encode_text(tokens).float().cpu())
     if not chunks:
         return torch.empty(0, 0)
     feats = torch.cat(chunks)

@@ -136,6 +136,49 @@ def split_support_query(
     return support, query
 
 
+MIN_IMAGES = 21  # a task needs more than 20 images
+
+
+def build_tasks(
+    qa: Iterable[tuple[str, str, str]], seed: int = 2021, min_images: int = MIN_IMAGES
+) -> tuple[list[Task], dict]:
+    """The authors' task recipe on (question, answer, image) triples, in the order given.
+
+    One task per exact question string; an image counts once per question (its first occurrence wins,
+    whatever a later answer says); answers with fewer than 2 images are dropped; a question is kept with at
+    least ``min_images`` images, at least 2 answers and no whitespace token "or" (which removes "A or B?"
+    questions); each kept answer's images are split by :func:`split_support_query`. Tasks come out in the
+    order of their question's first triple, answers in the order of their first kept image.
+
+    Returns the tasks and a report: ``{"questions", "tasks", "dropped": {reason: [question, ...]}}``.
+    """
+    by_question: dict[str, dict[str, list[str]]] = {}
+    seen: dict[str, set[str]] = {}
+    for q, a, img in qa:
+        images = seen.setdefault(q, set())
+        if img in images:
+            continue
+        images.add(img)
+        by_question.setdefault(q, {}).setdefault(a, []).append(img)
+    tasks: list[Task] = []
+    dropped: dict[str, list[str]] = {"too_few_images": [], "too_few_answers": [], "or_question": []}
+    for q, images_by_answer in by_question.items():
+        kept = {a: imgs for a, imgs in images_by_answer.items() if len(imgs) >= 2}
+        if "or" in q.split():
+            dropped["or_question"].append(q)
+        elif sum(len(v) for v in kept.values()) < min_images:
+            dropped["too_few_images"].append(q)
+        elif len(kept) < 2:
+            dropped["too_few_answers"].append(q)
+        else:
+            answers = tuple(kept)
+            index = {a: i for i, a in enumerate(answers)}
+            support, query = split_support_query(kept, seed)
+            labelled = [tuple((i, index[a]) for i, a in pairs) for pairs in (support, query)]
+            tasks.append(Task(q, answers, *labelled))
+    return tasks, {"questions": len(by_question), "tasks": len(tasks), "dropped": dropped}
+
+
 def split_tasks(tasks: Sequence[Task], seed: int = 2021, train_fraction: float = 0.7) -> tuple[list, list]:
     """Shuffle the task list with a fresh ``random.Random(seed)``; first ``round(f·n)`` are meta-train."""
     order = list(tasks)

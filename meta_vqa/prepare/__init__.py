@@ -2,7 +2,11 @@
 small CLIP of Meta-EasyVQA).
 
 * ``easy-vqa``: Meta-EasyVQA from the offline ``easy-vqa`` package (:mod:`meta_vqa.prepare.easy_vqa`);
-* ``synthetic``: the tiny learnable dataset of the tests and ``conf/smoke`` (:mod:`meta_vqa.prepare.synthetic`).
+* ``meta-vqa``: the paper's Meta-VQA, from the authors' task files or the recipe on VQA v2, with the
+  authors' CLIP features imported or COCO encoded with open_clip (:mod:`meta_vqa.prepare.meta_vqa`);
+* ``synthetic``: the tiny learnable dataset of the tests and ``conf/smoke`` (:mod:`meta_vqa.prepare.synthetic`);
+  with ``--tasks DIR``, learnable features for real task files such as Meta-VQA's
+  (:mod:`meta_vqa.prepare.synthetic_tasks`).
 
 Each builder writes a dataset folder (task files, prompts, the feature store, ``dataset.json``) that the
 DataModule of every stage reads.
@@ -16,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from meta_vqa.errors import DataError, MetaVQAError
+from meta_vqa.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,11 @@ DEFAULT_OUT = {"easy-vqa": "data/easy_vqa", "synthetic": "data/synthetic", "meta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meta-vqa prepare", description="Build a dataset folder.")
+    p = argparse.ArgumentParser(
+        prog="meta-vqa prepare",
+        description="Build a dataset folder. `meta-vqa prepare meta-vqa --help` and "
+        "`meta-vqa prepare synthetic --tasks DIR --help` list the options of those builders.",
+    )
     p.add_argument("dataset", choices=DATASETS, help="which dataset to build")
     p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa, data/synthetic)")
     p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
@@ -38,10 +46,6 @@ def main(argv: list[str]) -> int:
     """Run ``meta-vqa prepare`` with the arguments ``argv``; errors are :class:`MetaVQAError`."""
     args = build_parser().parse_args(argv)
     out = args.out or DEFAULT_OUT[args.dataset]
-    if args.dataset == "meta-vqa":
-        raise MetaVQAError(
-            "prepare meta-vqa is not yet available (needs VQA v2 and CLIP ViT-L/14@336px features)"
-        )
     if args.dataset == "synthetic":
         return prepare_synthetic(out, args.seed, args.force)
     from meta_vqa.prepare.easy_vqa import prepare_easy_vqa

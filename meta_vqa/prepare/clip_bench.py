@@ -14,13 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from meta_vqa.prepare.clip_encode import autocast, load_clip_encoder, resolve_device, to_model_input
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+from meta_vqa.data.encode import images_to_input
+from meta_vqa.device import autocast, device_name, resolve_device
+from meta_vqa.prepare.clip_encode import load_clip_encoder
 
 
 @torch.no_grad()
@@ -48,7 +44,7 @@ def image_throughput(
 
         def step(precision: str = precision) -> None:
             with autocast(dev, precision):
-                encoder.model.encode_image(to_model_input(pixels, encoder.mean, encoder.std)).float()
+                encoder.model.encode_image(images_to_input(pixels, encoder.mean, encoder.std)).float()
 
         for _ in range(warmup):
             step()
@@ -70,7 +66,7 @@ def image_throughput(
                 "unit": "images/s",
                 "baseline_value": None if is_base else base,
                 "ratio": None if is_base else value / base,
-                "device": _device_name(dev),
+                "device": device_name(dev),
                 "config": {
                     "model": model,
                     "weights": "random",

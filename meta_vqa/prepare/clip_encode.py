@@ -13,7 +13,6 @@ list), so a killed run resumes from the last finished shard and a changed settin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +20,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -30,15 +28,15 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from meta_vqa.data.encode import answer_prompts, encode_texts, images_to_input
 from meta_vqa.data.features import save_tensors
-from meta_vqa.data.tasks import Task, fill_prompt
+from meta_vqa.data.tasks import Task
+from meta_vqa.device import Precision, autocast
 from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.io import sha256_file
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 RANDOM_WEIGHTS_SEED = 0
 PREPROCESSING = "whole image resized to the model input size (bicubic, no crop), RGB, /255, mean/std"
 
@@ -53,15 +51,6 @@ class ClipEncoder:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     info: dict  # model name, pretrained tag or weight-file sha256 (for the manifest and the fingerprint)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 def load_clip_encoder(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> ClipEncoder:
@@ -118,25 +107,6 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
     return pixels.view(size, size, 3).permute(2, 0, 1).contiguous()
-
-
-def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 pixels ``[B, 3, H, W]`` → the normalised float input of the image tower."""
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
-def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass (the stored features are float32 either way)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def coco_image_paths(coco_root: str | Path, tasks: Sequence[Task], image_ids: Sequence[str]) -> list[Path]:
@@ -268,7 +238,7 @@ def encode_images_sharded(
         bad = next((e for e in errors if e), None)
         if bad:
             raise DataError(bad)
-        x = to_model_input(pixels.to(device, non_blocking=True), encoder.mean, encoder.std)
+        x = images_to_input(pixels.to(device, non_blocking=True), encoder.mean, encoder.std)
         with autocast(device, precision):
             pending.append(model.encode_image(x).float().cpu())
         bar.update(len(pixels))
@@ -281,36 +251,6 @@ def encode_images_sharded(
 
 
 @torch.no_grad()
-def encode_texts(
-    encoder: ClipEncoder,
-    texts: Sequence[str],
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    precision: Precision = "fp32",
-    progress: bool = True,
-    desc: str = "encode texts",
-) -> torch.Tensor:
-    """Raw ``encode_text`` features ``[T, d]`` (float32, CPU); duplicate texts are encoded once."""
-    device = torch.device(device)
-    model = encoder.model.to(device).eval()
-    unique = list(dict.fromkeys(texts))
-    chunks = []
-    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not progress):
-        tokens = encoder.tokenizer(unique[start : start + batch_size]).to(device)
-        with autocast(device, precision):
-            chunks.append(model.encode_text(tokens).float().cpu())
-    feats = torch.cat(chunks)
-    row = {t: i for i, t in enumerate(unique)}
-    return feats[torch.tensor([row[t] for t in texts], dtype=torch.long)]
-
-
-def answer_prompts(task: Task, prompts: Mapping[str, str]) -> list[str]:
-    """The filled answer prompts of a task, in the order of its answers."""
-    if task.question not in prompts:
-        raise DataError(f"no prompt template for task {task.question!r}")
-    return [fill_prompt(prompts[task.question], a) for a in task.answers]
-
-
 def encode_task_texts(
     encoder: ClipEncoder,
     tasks: Sequence[Task],
@@ -335,7 +275,8 @@ def encode_task_texts(
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 feats = f.get_tensor("features")
     if feats is None:
-        feats = encode_texts(encoder, texts, batch_size, device, precision, progress, "encode texts")
+        model = encoder.model.to(device)
+        feats = encode_texts(model, encoder.tokenizer, texts, batch_size, progress, "encode texts", precision)
         save_tensors(cache, {"features": feats}, {"fingerprint": fingerprint})
     answers = list(torch.split(feats[len(questions) :], [t.num_answers for t in tasks]))
     return feats[: len(questions)], answers

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from meta_vqa.data.easy_vqa_questions import (
 )
 from meta_vqa.data.encode import encode_dataset, load_images
 from meta_vqa.data.features import MANIFEST, read_manifest, verify_manifest, write_manifest
-from meta_vqa.data.tasks import Task, save_tasks, split_support_query, split_tasks, task_statistics
+from meta_vqa.data.tasks import Task, build_tasks, save_tasks, split_tasks, task_statistics
 from meta_vqa.errors import DataError
 from meta_vqa.io import write_json
 from meta_vqa.nets.clip import ClipConfig
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 BUILDER = "easy-vqa"
 BUILDER_VERSION = 1
 ENCODER = "easyclip-minilm"
-MIN_IMAGES = 21  # the authors' recipe: a task needs more than 20 images
 
 
 # --- the package's data ---------------------------------------------------------------------------
@@ -141,44 +140,6 @@ def image_attributes(data: PackageData) -> dict[str, tuple[str | None, str | Non
 def caption(color: str, shape: str) -> str:
     """The CLIP training caption of an image, e.g. "a red circle"."""
     return f"a {color} {shape}"
-
-
-# --- the recipe -----------------------------------------------------------------------------------
-
-
-def build_tasks(
-    qa: Iterable[tuple[str, str, str]], seed: int = 2021, min_images: int = MIN_IMAGES
-) -> tuple[list[Task], dict]:
-    """The authors' task recipe on (question, answer, image) triples; returns the tasks and what was dropped.
-
-    One task per exact question string; an image counts once per question (first occurrence); answers
-    with < 2 images are dropped; a question is kept with ≥ ``min_images`` images, ≥ 2 answers and no "or"
-    token. Answers keep their order of first appearance.
-    """
-    by_question: dict[str, dict[str, list[str]]] = {}
-    seen: dict[str, set[str]] = {}
-    for q, a, img in qa:
-        if img in seen.setdefault(q, set()):
-            continue
-        seen[q].add(img)
-        by_question.setdefault(q, {}).setdefault(a, []).append(img)
-    tasks, dropped = [], {"too_few_images": [], "too_few_answers": [], "or_question": []}
-    for q, images_by_answer in by_question.items():
-        kept = {a: imgs for a, imgs in images_by_answer.items() if len(imgs) >= 2}
-        if "or" in q.split():
-            dropped["or_question"].append(q)
-        elif sum(len(v) for v in kept.values()) < min_images:
-            dropped["too_few_images"].append(q)
-        elif len(kept) < 2:
-            dropped["too_few_answers"].append(q)
-        else:
-            answers = tuple(kept)
-            index = {a: i for i, a in enumerate(answers)}
-            support, query = split_support_query(kept, seed)
-            labelled = [tuple((i, index[a]) for i, a in pairs) for pairs in (support, query)]
-            tasks.append(Task(q, answers, *labelled))
-    report = {"questions": len(by_question), "tasks": len(tasks), "dropped": dropped}
-    return tasks, report
 
 
 def family_split(tasks: Sequence[Task], held_out: Sequence[str] = DEFAULT_HELD_OUT) -> tuple[list, list]:

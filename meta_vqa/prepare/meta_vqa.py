@@ -18,6 +18,7 @@ from pathlib import Path
 
 from meta_vqa.data.features import write_features, write_manifest
 from meta_vqa.data.tasks import Task, load_prompts, load_tasks
+from meta_vqa.device import PRECISIONS, autocast, resolve_device
 from meta_vqa.errors import ConfigError
 from meta_vqa.io import sha256_file
 from meta_vqa.prepare import authors_features, clip_encode
@@ -208,8 +209,8 @@ def _encode(
     device: str, precision: clip_encode.Precision, batch_size: int, shard_size: int, workers: int | None,
     progress: bool,
 ) -> tuple[str, dict, dict]:  # fmt: skip
-    dev = clip_encode.resolve_device(device)
-    clip_encode.autocast(dev, precision)  # reject a bad precision before the (slow) model build
+    dev = resolve_device(device)
+    autocast(dev, precision)  # reject a bad precision before the (slow) model build
     image_ids = task_images(tasks)
     paths = clip_encode.coco_image_paths(coco_root, tasks, image_ids)
     encoder = clip_encode.load_clip_encoder(clip, pretrained, dev)
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight tag (needs open_clip's cache offline), a weight file, or none",
     )
     enc.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
-    enc.add_argument("--precision", default="fp32", choices=clip_encode.PRECISIONS, help="autocast precision")
+    enc.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast precision")
     enc.add_argument("--batch-size", type=int, default=64)
     enc.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
     enc.add_argument(

@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from meta_vqa.data.tasks import Task, split_support_query, split_tasks, task_statistics
+from meta_vqa.data.tasks import MIN_IMAGES, Task, build_tasks, split_tasks, task_statistics
 from meta_vqa.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SUBSETS = ("train2014", "val2014")  # merged in this order
 KEPT_ANSWER_TYPES = ("number", "other")
-MIN_IMAGES = 21  # "more than 20 images"
-MIN_ANSWERS = 2
-MIN_IMAGES_PER_ANSWER = 2
 SEED = 2021
-SPLIT_FRACTION = 0.7  # support share per answer, and meta-train share of the tasks
 
 
 def vqa_files(vqa_root: str | Path, subset: str) -> tuple[Path, Path]:
@@ -128,49 +124,14 @@ def read_vqa_instances(vqa_root: str | Path, counts: dict | None = None) -> Iter
         yield from read_subset(vqa_root, subset, counts)
 
 
-def build_tasks(
-    instances: Iterable[tuple[str, str, str]], seed: int = SEED, min_images: int = MIN_IMAGES
-) -> tuple[list[Task], dict]:
-    """Steps 2-6 on (question, answer, image) triples; returns the tasks and a report of what was dropped.
-
-    Tasks come out in the order of their question's first instance, answers in the order of their first
-    kept image, and support/query lists concatenated over answers in that order, as the authors wrote them.
-    """
-    by_question: dict[str, dict[str, list[str]]] = {}
-    seen: dict[str, set[str]] = {}
-    for question, answer, image in instances:
-        images = seen.setdefault(question, set())
-        if image in images:  # the first occurrence of an image wins, whatever the later answer
-            continue
-        images.add(image)
-        by_question.setdefault(question, {}).setdefault(answer, []).append(image)
-    tasks: list[Task] = []
-    dropped = {"or_question": 0, "too_few_images": 0, "too_few_answers": 0}
-    for question, images_by_answer in by_question.items():
-        kept = {a: imgs for a, imgs in images_by_answer.items() if len(imgs) >= MIN_IMAGES_PER_ANSWER}
-        if "or" in question.split():
-            dropped["or_question"] += 1
-        elif sum(len(v) for v in kept.values()) < min_images:
-            dropped["too_few_images"] += 1
-        elif len(kept) < MIN_ANSWERS:
-            dropped["too_few_answers"] += 1
-        else:
-            answers = tuple(kept)
-            index = {a: i for i, a in enumerate(answers)}
-            support, query = split_support_query(kept, seed, SPLIT_FRACTION)
-            labelled = [tuple((img, index[a]) for img, a in pairs) for pairs in (support, query)]
-            tasks.append(Task(question, answers, *labelled))
-    report = {"questions": len(by_question), "tasks": len(tasks), "dropped": dropped}
-    return tasks, report
-
-
 def build_meta_vqa_tasks(vqa_root: str | Path, seed: int = SEED) -> tuple[list[Task], list[Task], dict]:
     """The whole recipe on a VQA v2 folder: (meta-train tasks, meta-test tasks, report with statistics)."""
     counts: dict = {}
-    tasks, report = build_tasks(read_vqa_instances(vqa_root, counts), seed)
+    tasks, report = build_tasks(read_vqa_instances(vqa_root, counts), seed, MIN_IMAGES)
+    report["dropped"] = {reason: len(qs) for reason, qs in report["dropped"].items()}
     if len(tasks) < 2:
         raise DataError(f"{vqa_root}: the recipe leaves {len(tasks)} task(s); a split needs at least 2")
-    train, test = split_tasks(tasks, seed, SPLIT_FRACTION)
+    train, test = split_tasks(tasks, seed)
     report = {
         "instances": counts,
         **report,
