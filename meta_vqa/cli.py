@@ -82,12 +82,18 @@ def run_report(argv: list[str]) -> int:
     p.add_argument(
         "paths", nargs="+", help="a run folder (or results.json files / folders, searched recursively)"
     )
-    p.add_argument("--out", default=None, help="report folder (default: RUN/report for one folder)")
-    p.add_argument("--title", default="Meta-VQA meta-test results")
     p.add_argument(
-        "--data", default=None, help="dataset folder, for the question families of the latent plot"
+        "--out", default=None, help="report folder, the only place it writes to (default: RUN/report)"
     )
-    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument(
+        "--title", default=None, help="report title (default: the pipeline's, from RUN/pipeline.json)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset folder, for the question families of the latent plots (default: the run's)",
+    )
+    p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     args = p.parse_args(argv)
     from meta_vqa.errors import MetaVQAError
     from meta_vqa.eval.report import build_report
@@ -103,8 +109,8 @@ def run_report(argv: list[str]) -> int:
     if not records:
         raise MetaVQAError(f"{args.paths[0]}: no results.json found")
     if args.out:
-        write_results(args.out, records, args.title)
-    print(render_markdown(records, args.title))
+        write_results(args.out, records, args.title or "Meta-test results")
+    print(render_markdown(records, args.title or "Meta-test results"))
     return 0
 
 

@@ -309,7 +309,10 @@ class Pipeline:
             from meta_vqa.eval.report import build_report
 
             t0 = time.time()
-            build_report(self.out, self.out / "report", title=self.cfg.title, tensorboard=True, echo=True)
+            build_report(
+                self.out, self.out / "report", self.cfg.title, self.cfg.data.root,
+                tensorboard_dir=self.out / "lightning_logs" / "report", echo=True,
+            )  # fmt: skip
             self.summary.append({"stage": "report", "status": "ran", "wall_s": round(time.time() - t0, 1)})
         self._write_summary(t_start)
         return self.summary
@@ -378,6 +381,7 @@ class Pipeline:
         write_json(
             self.out / "pipeline.json",
             {"config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+             "data_root": str(Path(self.cfg.data.root).resolve()),
              "wall_s": round(time.time() - t_start, 1), "stages": self.summary},
         )  # fmt: skip
 

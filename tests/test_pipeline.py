@@ -179,7 +179,7 @@ def test_smoke_pipeline_report(smoke_run):
     controls = {r.get("control") for r in records if r["method"] == "hnet_hyperldm" and r["shots"] == 0}
     assert controls == {"aligned", "shuffled", "empty"}
     md = (report / "results.md").read_text()
-    for heading in ("## split: random", "## The paper's claims on this run", "## Memorisation", "## Plots"):
+    for heading in ("## split: random", "## What this run shows", "## Memorisation", "## Plots"):
         assert heading in md
     for png in (
         "accuracy_vs_gamma",

@@ -2,8 +2,8 @@
 
 import torch
 
-from meta_vqa.eval.report import claims, memorisation, nearest_distances
-from meta_vqa.eval.results import aggregate
+from meta_vqa.eval.claims import claims
+from meta_vqa.eval.report import memorisation, nearest_distances
 
 
 def test_memorisation_distances_by_hand():
@@ -25,19 +25,66 @@ def _rec(method, acc, shots=0, seed=0, **extra):
             "accuracy_pooled": acc, "n_tasks": 10, **extra}  # fmt: skip
 
 
-def test_claims_sentences_follow_the_numbers():
-    recs = [_rec("uncond_multitask", 60.0), _rec("mnet_maml", 70.0)]
-    for g, acc in ((0.0, 50.0), (1.0, 65.0), (2.0, 68.0)):
-        recs.append(_rec("hnet_hyperldm", acc, gamma=g, control="aligned"))
-    recs.append(_rec("hnet_hyperldm", 51.0, gamma=1.0, control="shuffled"))
+def _ldm(acc_by_gamma, seed=0, shuffled=None, empty=None):
+    recs = [
+        _rec("hnet_hyperldm", acc, seed=seed, gamma=g, control="aligned") for g, acc in acc_by_gamma.items()
+    ]
+    if shuffled is not None:
+        recs.append(_rec("hnet_hyperldm", shuffled, seed=seed, gamma=1.0, control="shuffled"))
+    if empty is not None:
+        recs.append(_rec("hnet_hyperldm", empty, seed=seed, gamma=1.0, control="empty"))
+    return recs
+
+
+def test_one_seed_claims_name_the_strongest_baseline_and_have_no_spread():
+    recs = [_rec("uncond_multitask", 60.0), _rec("mnet_maml", 70.0), _rec("cond_multitask", 90.0)]
+    recs += [_rec("hnet_maml", 55.0), _rec("hnet_maml", 95.0, shots="full")]
+    recs += _ldm({0.0: 50.0, 1.0: 65.0, 2.0: 68.0}, shuffled=51.0, empty=50.0)
     recs.append(_rec("hnet_combined", 64.0, gamma=1.0, control="aligned", classifier_scale=1.0))
-    recs.append(_rec("hvae_hyperldm", 99.0, gamma=0.0, control="aligned"))  # unconditional: not guidance
-    text = claims(aggregate(recs))
-    assert "Best guided zero-shot: hnet_hyperldm γ=2 68.0" in text
-    assert "Above uncond_multitask 60.0" in text and "Not above mnet_maml 70.0" in text
-    assert "CFG γ=2 68.0 is above γ=1 65.0" in text and "combined s=1 64.0 is not above γ=1" in text
-    assert "falls back to the unconditional level, so the description is used" in text
-    # a shuffled description as good as the aligned one: the text is not what drives the result
-    i = next(i for i, r in enumerate(recs) if r.get("control") == "shuffled")
-    recs[i] = _rec("hnet_hyperldm", 64.0, gamma=1.0, control="shuffled")
-    assert "the description is not what drives the result" in claims(aggregate(recs))
+    text = claims(recs)
+    assert "### random split (1 seed)" in text and "no difference is significant" in text
+    # the guided table: vs empty +15.0, vs shuffled +14.0, vs the strongest baseline (cond_multitask) -25.0
+    assert "| hnet_hyperldm γ=1 | 65.0 | +15.0 | +14.0 | -25.0 |" in text
+    # from the floor (γ=0: 50) to the ceiling (hnet_maml whole support: 95): (65 - 50) / 45 = 33 %
+    assert "50.0 (γ=0) → 95.0 (hnet_maml, whole support) | 33 % |" in text
+    assert "above by one seed's margin (no spread to judge it by) uncond_multitask 60.0 (+5.0)" in text
+    assert "below by one seed's margin (no spread to judge it by) mnet_maml 70.0 (-5.0)" in text
+    assert "the strongest baseline of the table, cond_multitask 90.0" in text
+    assert "γ=2 68.0 is above by one seed's margin" in text and "combined guidance s=1 64.0 is below" in text
+    assert "falls back towards the unconditional level, so the description is used" in text
+    recs = [r for r in recs if r.get("control") != "shuffled"] + _ldm({}, shuffled=64.0)
+    assert "the description is not what drives the result" in claims(recs)
+
+
+def test_several_seeds_judge_differences_by_their_spread():
+    recs = []
+    for seed, (a, e) in enumerate(((70.0, 50.0), (72.0, 51.0), (71.0, 52.0))):  # aligned − empty: 20, 21, 19
+        recs += _ldm({0.0: e, 1.0: a}, seed=seed, empty=e)
+        recs.append(_rec("uncond_multitask", a - 0.5 + seed, seed=seed))  # differences 0.5, -0.5, -1.5
+    text = claims(recs)
+    assert "### random split (3 seeds)" in text
+    assert "| hnet_hyperldm γ=1 | 71.0 ± 1.0 | +20.0 ± 1.0 |" in text
+    assert "within the seed spread of uncond_multitask" in text
+
+
+def test_a_guided_method_identical_to_its_generator_is_flagged():
+    recs = [_rec("hvae", 60.0), _rec("hvae", 61.0, shots="full")]
+    recs += [
+        _rec("hvae_hyperclip", 60.0, control="aligned"),
+        _rec("hvae_hyperclip", 61.0, shots="full", control="aligned"),
+    ]
+    recs.append(_rec("hvae_hyperclip", 60.0, control="empty"))
+    diag = [
+        {
+            "method": "hvae_hyperclip",
+            "split": "random",
+            "seed": 0,
+            "retrieval_acc": 3.1,
+            "retrieval_chance": 10.0,
+        }
+    ]
+    text = claims(recs, diag)
+    assert "hvae_hyperclip equals its generator hvae in every column" in text
+    assert "retrieval of the task's own question 3.1 % against chance 10.0 %" in text
+    healthy = [dict(r, accuracy=r["accuracy"] + 5) if r["method"] == "hvae_hyperclip" else r for r in recs]
+    assert "Stages that look broken" not in claims(healthy, [dict(diag[0], retrieval_acc=60.0)])

@@ -161,8 +161,8 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
     lines = [
         f"# {title}",
         "",
-        "Task-averaged query accuracy (%) on the meta-test tasks, mean ± std over seeds. "
-        "`0` = zero-shot, `full` = fine-tuned on the whole support set, `k` = k examples per answer.",
+        "Task-averaged query accuracy (%) on the meta-test tasks; mean ± std over seeds where a row has "
+        "several. `0` = zero-shot, `full` = fine-tuned on the whole support set, `k` = k examples per answer.",
         "",
     ]
     for split in sorted({r["split"] for r in rows}):
@@ -185,7 +185,8 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
             cells = []
             for s in shots:
                 r = cell.get((*m, s))
-                cells.append("" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}")
+                spread = f" ± {r['std']:.1f}" if r is not None and r["seeds"] > 1 else ""
+                cells.append("" if r is None else f"{r['mean']:.1f}{spread}")
             n = [str(cell[(*m, s)]["n_tasks"]) for s in (0, "full") if (*m, s) in cell]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(n)} |")
         lines.append("")

@@ -13,6 +13,7 @@ import torch
 
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_markdown, write_results
+from meta_vqa.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,17 @@ def split_name(module: L.LightningModule) -> str:
 
 
 def finish_test(
-    module: L.LightningModule, collector: ResultCollector, results_dir: str | None, title: str
+    module: L.LightningModule,
+    collector: ResultCollector,
+    results_dir: str | None,
+    title: str,
+    diagnostics: dict | None = None,
 ) -> list[dict]:
-    """Gather every rank's rows, write results.json/.md on rank 0, log the headline numbers."""
+    """Gather every rank's rows, write results.json/.md on rank 0, log the headline numbers.
+
+    ``diagnostics``: a stage's extra test figures (e.g. HyperCLIP's retrieval accuracy), written beside the
+    results as ``diagnostics.json`` with the method, split and seed, for the report.
+    """
     trainer = module.trainer
     gather = module.all_gather if trainer.world_size > 1 else None
     records = collector.records(split_name(module), global_seed(), gather)
@@ -52,5 +61,8 @@ def finish_test(
     if trainer.is_global_zero:
         out = Path(results_dir or trainer.log_dir or ".")
         path = write_results(out, records, title)
+        if diagnostics:
+            info = {"split": split_name(module), "seed": global_seed(), **diagnostics}
+            write_json(out / "diagnostics.json", info)
         log.info("wrote %s\n%s", path, render_markdown(records, title))
     return records

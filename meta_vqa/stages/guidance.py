@@ -136,13 +136,15 @@ class GuidanceStage(L.LightningModule):
         self.recorder.add(batch.task, z)
 
     def on_test_epoch_end(self) -> None:
-        self.test_epoch_summary()
+        diagnostics = self.test_epoch_summary()
         meta = {"seed": global_seed(), **self.recorded_settings()}
         self.recorder.write(self, self.hparams.results_dir, self.method, **meta)
-        finish_test(self, self.collector, self.hparams.results_dir, f"{self.title} ({self.method})")
+        title = f"{self.title} ({self.method})"
+        finish_test(self, self.collector, self.hparams.results_dir, title, diagnostics)
 
-    def test_epoch_summary(self) -> None:
-        """Extra test metrics a subclass logs at the end of the test epoch (none by default)."""
+    def test_epoch_summary(self) -> dict | None:
+        """Extra test figures of a subclass, logged and returned for ``diagnostics.json`` (none by default)."""
+        return None
 
     def recorded_settings(self) -> dict:
         """Settings written beside the generated latents (e.g. γ)."""

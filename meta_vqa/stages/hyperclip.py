@@ -170,7 +170,17 @@ class HyperCLIPStage(GuidanceStage):
         self.retrieval["hits"] += hits.sum().item()
         self.retrieval["n"] += len(hits)
 
-    def test_epoch_summary(self) -> None:
-        if self.retrieval["n"]:
-            self.log("test/retrieval_acc", 100 * self.retrieval["hits"] / self.retrieval["n"])
+    def test_epoch_summary(self) -> dict | None:
+        hits, n = self.retrieval["hits"], self.retrieval["n"]
         self.retrieval = {"hits": 0.0, "n": 0}
+        if not n:
+            return None
+        acc = 100 * hits / n
+        self.log("test/retrieval_acc", acc)
+        way = self.hparams.retrieval_way
+        return {
+            "method": self.method,
+            "retrieval_acc": acc,
+            "retrieval_chance": 100 / way,
+            "retrieval_way": way,
+        }
