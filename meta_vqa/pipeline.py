@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
 SPLITS = ("random", "family")
-PREPARERS = ("easy-vqa", "synthetic")
+PREPARERS = ("easy-vqa", "synthetic", "meta-vqa")
 STAMP, RUNNING = "stage.json", "stage.running.json"
 
 
