@@ -112,11 +112,11 @@ def load_prompts(path: str | Path, questions: Iterable[str] | None = None) -> di
 
 
 def fill_prompt(template: str, answer: str) -> str:
-    """The answer prompt of the paper's features: the template filled with the answer (underscores as spaces)."""
+    """The answer prompt: the question's template filled with the answer (underscores as spaces)."""
     return template.replace("{}", answer.replace("_", " "))
 
 
-# --- the authors' recipe: support/query split per answer, task split --------------------------------------------------
+# --- the authors' recipe: tasks, support/query split per answer, task split -------------------------
 
 
 def split_support_query(
@@ -188,7 +188,7 @@ def split_tasks(tasks: Sequence[Task], seed: int = 2021, train_fraction: float =
 
 
 def task_statistics(tasks: Sequence[Task]) -> dict:
-    """The statistics the paper reports for one task set (tasks, pairs, sizes, chance and majority baselines)."""
+    """The statistics the paper reports for a task set (tasks, pairs, sizes, chance and majority)."""
     if not tasks:
         return {"tasks": 0}
     n_ans = [t.num_answers for t in tasks]

@@ -34,7 +34,8 @@ TEXT_WIDTH = 384  # MiniLM-L6-H384 hidden size = the shared embedding width (no 
 CLIP_DIR = "clip"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# OpenAI CLIP's normalisation constants (the paper's features use them), reused so the pipeline looks like the real one.
+# OpenAI CLIP's normalisation constants (those of the paper's features), reused so that the pipeline
+# looks like the real one.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's clamp of the learnable temperature
@@ -154,7 +155,7 @@ def build_tokenizer(config: ClipConfig) -> HFTokenizer:
 
 
 def build_preprocess(config: ClipConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image transform: bicubic resize of the whole image (no crop, as the authors' features), then normalise."""
+    """PIL image transform: bicubic resize of the whole image (no crop, as the authors did), normalise."""
     return image_transform(
         config.image_size, is_train=False, mean=config.image_mean, std=config.image_std, resize_mode="squash"
     )

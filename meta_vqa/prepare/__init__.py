@@ -4,7 +4,8 @@ small CLIP of Meta-EasyVQA).
 * ``easy-vqa``: Meta-EasyVQA from the offline ``easy-vqa`` package (:mod:`meta_vqa.prepare.easy_vqa`);
 * ``meta-vqa``: the paper's Meta-VQA, from the authors' task files or the recipe on VQA v2, with the
   authors' CLIP features imported or COCO encoded with open_clip (:mod:`meta_vqa.prepare.meta_vqa`);
-* ``synthetic``: the tiny learnable dataset of the tests and ``conf/smoke`` (:mod:`meta_vqa.prepare.synthetic`);
+* ``synthetic``: the tiny learnable dataset of the tests and ``conf/smoke``
+  (:mod:`meta_vqa.prepare.synthetic`);
   with ``--tasks DIR``, learnable features for real task files such as Meta-VQA's
   (:mod:`meta_vqa.prepare.synthetic_tasks`).
 

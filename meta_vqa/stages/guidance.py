@@ -3,7 +3,8 @@ controls, the results and the generated latents of the test tasks.
 
 :class:`GuidanceStage` attaches the generator (an HNet-MAML or HVAE checkpoint) through the one hand-off
 helper, checks the adaptation dataset against it when training starts, and turns the dataset's latents into
-training latents of the generator's space (:meth:`~meta_vqa.stages.generator.LatentGenerator.training_latents`).
+training latents of the generator's space
+(:meth:`~meta_vqa.stages.generator.LatentGenerator.training_latents`).
 Its test bookkeeping records every method under ``<generator kind>_<guidance>`` with its ``control``.
 """
 

@@ -55,7 +55,8 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         beta: KL weight (1).
         normalize: standardise the weights the VAE sees with their per-dimension mean and one scalar
             std (the mean of the per-dimension stds) over one adaptation epoch, computed when training
-            starts and kept in the checkpoint (the authors' ``normalize`` option; off by default). Helps when tasks differ little relative to the weights' scale.
+            starts and kept in the checkpoint (the authors' ``normalize`` option; off by default). Helps
+            when tasks differ little relative to the weights' scale.
         init_latent: zero-shot latent: ``mean`` (μ of q(z | G_θ(z0))) or ``sample`` (one draw per task).
         select_on: what ``val/acc`` (the checkpoint monitor) reports: ``recon`` (reconstruction accuracy
             of support-adapted HNet weights, the VAE's own job) or ``few_shot``.
