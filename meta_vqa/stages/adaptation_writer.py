@@ -8,9 +8,9 @@ When every job is written the parts are merged into ``adaptation.safetensors`` +
 
 Resuming: a rerun with the same settings skips the jobs already written (the DataModule leaves them out
 before the first batch), so an interrupted run continues at the last finished epoch and no epoch is ever
-written twice (the authors' script appended to an existing file, duplicating epochs on a rerun). A
-rerun with other settings (recipe, tasks, latent size, or
-another checkpoint) is refused unless ``overwrite: true``. Single process only.
+written twice (the authors' script appended to an existing file, duplicating epochs on a rerun). A rerun
+with other settings (recipe, tasks, latent size, or another checkpoint) is refused unless
+``overwrite: true``. Single process only.
 """
 
 from __future__ import annotations
