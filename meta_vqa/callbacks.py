@@ -108,7 +108,7 @@ class LastCheckpoint(Callback):
             return
         path = self._dir(trainer) / self.filename
         tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the whole training state
         if trainer.is_global_zero:
             os.replace(tmp, path)
         trainer.strategy.barrier("last_checkpoint")
@@ -152,20 +152,20 @@ class StopOnNonFinite(Callback):
     """
 
     @staticmethod
-    def _where(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    def _stop(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
         variant = getattr(pl_module, "variant", None)
         stage = type(pl_module).__name__ + (f" ({variant})" if variant else "")
         batch = trainer.fit_loop.epoch_loop.batch_idx
-        return f"{stage}: at training step {trainer.global_step + 1} (epoch {trainer.current_epoch}, batch {batch})"
+        raise TrainingDiverged(
+            f"{stage}: {what} at training step {trainer.global_step + 1} (epoch {trainer.current_epoch}, "
+            f"batch {batch}); fit stopped before applying the step, no checkpoint or result saved from it"
+        )
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        if not bool(torch.isfinite(loss).all()):
-            value = loss.float().flatten()[~torch.isfinite(loss.float().flatten())][0].item()
-            raise TrainingDiverged(
-                f"{self._where(trainer, pl_module)} the loss is {value}; fit stopped before applying "
-                "this step (no checkpoint or result saved from it)"
-            )
+        values = loss.detach().float().flatten()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            self._stop(trainer, pl_module, f"the loss is {values[~finite][0].item()}")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -178,10 +178,7 @@ class StopOnNonFinite(Callback):
             return
         bad = params[int((~finite).nonzero()[0])]
         name = next((n for n, p in pl_module.named_parameters() if p is bad), "a parameter")
-        raise TrainingDiverged(
-            f"{self._where(trainer, pl_module)} the gradient of {name} is not finite; fit stopped before "
-            "applying this step (no checkpoint or result saved from it)"
-        )
+        self._stop(trainer, pl_module, f"the gradient of {name} is not finite")
 
 
 class _TrainableAveragedModel(AveragedModel):
