@@ -24,7 +24,7 @@ from meta_vqa.data.adaptation import (
 from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch
 from meta_vqa.data.features import FeatureStore, feature_dir, read_manifest, verify_manifest
 from meta_vqa.data.latents import AdaptationData, EpochBatches, LatentTasks, identity
-from meta_vqa.data.resumable import EpochResumable, OrderedBatches, ResumableLoader, ShuffledBatches
+from meta_vqa.data.resumable import resumable
 from meta_vqa.data.tasks import Task, load_tasks
 from meta_vqa.errors import ConfigError, DataError
 
@@ -207,13 +207,6 @@ class MetaVQADataModule(L.LightningDataModule):
         if not shuffle:
             # evaluation batches of similar-sized tasks: far less padding (results are per task)
             items = sorted(items, key=lambda it: (len(it["support"]), len(it["query"])))
-        if which in ("train", "val") and self._single_process:
-            # fit's loaders: continued mid-pass by a resumed run, random draws only when a batch is taken
-            # (meta_vqa.data.resumable); the same batches and draws as the plain loader below
-            batches = (ShuffledBatches if shuffle else OrderedBatches)(len(items), batch_size)
-            return ResumableLoader(
-                items, batch_sampler=batches, collate_fn=TaskIndexBatch.collate, num_workers=0
-            )
         return DataLoader(
             items,
             batch_size=batch_size,
@@ -222,28 +215,25 @@ class MetaVQADataModule(L.LightningDataModule):
             num_workers=0,
         )
 
-    @property
-    def _single_process(self) -> bool:
-        # several processes: plain loaders, which Lightning gives distributed samplers
-        return self.trainer is None or self.trainer.world_size == 1
+    def _fit_loader(self, loader: DataLoader) -> DataLoader:
+        # one process: a loader a resumed run continues mid-pass, drawing random numbers only when a batch
+        # is taken (meta_vqa.data.resumable; the same batches and draws); several: Lightning shards it
+        single = self.trainer is None or self.trainer.world_size == 1
+        return resumable(loader) if single else loader
 
     def train_dataloader(self) -> DataLoader:
         if self.adaptation is not None:
             data = self.adaptation_data
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             batches = EpochBatches(data.epochs, data.num_tasks, self.batch_size, seed)
-            if self._single_process:
-                resumable = EpochResumable(batches)
-                return ResumableLoader(
-                    LatentTasks(data), batch_sampler=resumable, collate_fn=identity, num_workers=0
-                )
-            return DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
-        return self._loader("train", True, self.batch_size)
+            loader = DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
+            return self._fit_loader(loader)
+        return self._fit_loader(self._loader("train", True, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         if not self._items["val"]:
             return []
-        return self._loader("val", False, self.eval_batch_size)
+        return self._fit_loader(self._loader("val", False, self.eval_batch_size))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
