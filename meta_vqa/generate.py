@@ -118,7 +118,8 @@ def check_request(args: argparse.Namespace) -> list[str]:
     seen: dict[str, str] = {}
     for a in answers:
         if a.lower() in seen:
-            raise MetaVQAError(f"--answers {args.answers!r}: {a!r} is given twice (as {seen[a.lower()]!r})")
+            also = f" (as {seen[a.lower()]!r})" if seen[a.lower()] != a else ""
+            raise MetaVQAError(f"--answers {args.answers!r}: {a!r} is given twice{also}")
         seen[a.lower()] = a
     if args.samples < 1:
         raise MetaVQAError("--samples must be at least 1")

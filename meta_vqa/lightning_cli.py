@@ -219,6 +219,8 @@ class MetaVQACLI(LightningCLI):
             raise ConfigError(
                 f"model: {name!r} has no trainable parameters; evaluate it with `meta-vqa test`"
             )
+        if getattr(self.datamodule, "adaptation", None) is not None:
+            _ = self.datamodule.adaptation_data  # read and checked now, not once the run's folder exists
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

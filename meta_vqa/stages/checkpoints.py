@@ -31,6 +31,7 @@ from meta_vqa.errors import ConfigError, DataError
 STAGE_PACKAGE = "meta_vqa.stages."
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
 def local_path(value: str | os.PathLike, key: str) -> Path:
@@ -65,8 +66,12 @@ def read_checkpoint(value: str | os.PathLike, key: str = "checkpoint") -> tuple[
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = _GLOBAL.search(str(e))
-        what = f"a pickled {found.group(1)}" if found else "pickled content"
-        raise DataError(f"{path}: holds {what}, not plain weights; refusing to unpickle it ({key})") from None
+        if found:  # code or objects torch will not rebuild without running them
+            what = f"a pickled {found.group(1)}, not plain weights"
+            raise DataError(f"{path}: holds {what}; refusing to unpickle it ({key})") from None
+        detail = _UNPICKLER.search(str(e))
+        reason = detail.group(1).strip() if detail else "not a weights-only pickle"
+        raise DataError(f"{path}: not a readable checkpoint ({reason}) ({key})") from None
     except Exception as e:  # truncated zip, empty file, text: torch raises many kinds
         raise DataError(f"{path}: not a readable checkpoint ({_reason(e)}) ({key})") from None
     if not isinstance(ckpt, dict):
