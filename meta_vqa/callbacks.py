@@ -49,6 +49,49 @@ def set_random_state(state: dict, module: torch.nn.Module | None = None) -> None
             getattr(module, k).set_state(g)
 
 
+class StopOnNonFinite(Callback):
+    """Stop ``fit`` at the first NaN or infinite loss or gradient, before the optimiser applies it.
+
+    Every loss handed to backward is checked (``on_before_backward``: the automatic step's and each
+    ``manual_backward`` of the meta-learning stages), and every gradient right before the optimiser step
+    (``on_before_optimizer_step``, after clipping, for both kinds of optimisation). Raising there aborts
+    the step, so the weights never take it, and no ``best.ckpt``/``last.ckpt`` or results
+    (``--test_after_fit``) are made from it; the error names the stage and the step. Only NaN and ±inf
+    count, so bf16 values are never false alarms. With a gradient scaler (``16-mixed``) an overflowing
+    gradient is expected and the scaler skips that step itself, so gradients are not checked there; the
+    loss still is.
+    """
+
+    @staticmethod
+    def _stop(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
+        variant = getattr(pl_module, "variant", None)
+        stage = type(pl_module).__name__ + (f" ({variant})" if variant else "")
+        batch = trainer.fit_loop.epoch_loop.batch_idx
+        raise TrainingDiverged(
+            f"{stage}: {what} at training step {trainer.global_step + 1} (epoch {trainer.current_epoch}, "
+            f"batch {batch}); fit stopped before applying the step, no checkpoint or result saved from it"
+        )
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        values = loss.detach().float().flatten()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            self._stop(trainer, pl_module, f"the loss is {values[~finite][0].item()}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
+        if bool(finite.all()):
+            return
+        bad = params[int((~finite).nonzero()[0])]
+        name = next((n for n, p in pl_module.named_parameters() if p is bad), "a parameter")
+        self._stop(trainer, pl_module, f"the gradient of {name} is not finite")
+
+
 class LastCheckpoint(Callback):
     """Keep ``last.ckpt`` equal to the newest training state, so a killed run resumes where it stopped, and
     ends with the same weights and results as a run never stopped.
@@ -136,49 +179,6 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
-
-
-class StopOnNonFinite(Callback):
-    """Stop ``fit`` at the first NaN or infinite loss or gradient, before the optimiser applies it.
-
-    Every loss handed to backward is checked (``on_before_backward``: the automatic step's and each
-    ``manual_backward`` of the meta-learning stages), and every gradient right before the optimiser step
-    (``on_before_optimizer_step``, after clipping, for both kinds of optimisation). Raising there aborts
-    the step, so the weights never take it, and no ``best.ckpt``/``last.ckpt`` or results
-    (``--test_after_fit``) are made from it; the error names the stage and the step. Only NaN and ±inf
-    count, so bf16 values are never false alarms. With a gradient scaler (``16-mixed``) an overflowing
-    gradient is expected and the scaler skips that step itself, so gradients are not checked there; the
-    loss still is.
-    """
-
-    @staticmethod
-    def _stop(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
-        variant = getattr(pl_module, "variant", None)
-        stage = type(pl_module).__name__ + (f" ({variant})" if variant else "")
-        batch = trainer.fit_loop.epoch_loop.batch_idx
-        raise TrainingDiverged(
-            f"{stage}: {what} at training step {trainer.global_step + 1} (epoch {trainer.current_epoch}, "
-            f"batch {batch}); fit stopped before applying the step, no checkpoint or result saved from it"
-        )
-
-    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        values = loss.detach().float().flatten()
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            self._stop(trainer, pl_module, f"the loss is {values[~finite][0].item()}")
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
-        if bool(finite.all()):
-            return
-        bad = params[int((~finite).nonzero()[0])]
-        name = next((n for n, p in pl_module.named_parameters() if p is bad), "a parameter")
-        self._stop(trainer, pl_module, f"the gradient of {name} is not finite")
 
 
 class _TrainableAveragedModel(AveragedModel):
