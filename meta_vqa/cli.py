@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging()
+    import yaml
+
     from meta_vqa.errors import MetaVQAError
+    from meta_vqa.io import yaml_error
 
     try:
         if verb in LIGHTNING_VERBS:
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"unknown verb {verb!r}; run `meta-vqa --help` for the list")
     except MetaVQAError as e:
         return _error(str(e))
+    except yaml.YAMLError as e:  # a config file (pipeline YAML, ...) read by another library
+        return _error(yaml_error(None, e))
     except KeyboardInterrupt:
         return _error("interrupted")
 

@@ -13,3 +13,7 @@ class DataError(MetaVQAError):
 
 class ConfigError(MetaVQAError):
     """A configuration value is invalid or inconsistent."""
+
+
+class TrainingDiverged(MetaVQAError):
+    """A loss or gradient became NaN or infinite; training stopped before the step was applied."""

@@ -13,6 +13,7 @@ checkpoint in its metadata) and, given images, prints each image's answer probab
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -91,30 +92,51 @@ def _slug(text: str) -> str:
 
 
 def _load_stage(ckpt: Path, method: str, device: torch.device):
+    from meta_vqa.stages.checkpoints import check_stage, read_checkpoint
+    from meta_vqa.stages.handoff import class_path
     from meta_vqa.stages.hyperclip import HyperCLIPStage
     from meta_vqa.stages.hyperldm import HyperLDMStage
 
     cls = HyperLDMStage if METHODS[method] == "hyperldm" else HyperCLIPStage
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    path = state.get("hyper_parameters", {}).get("_class_path", "")
-    if path and not path.endswith(cls.__name__):
-        raise MetaVQAError(f"{ckpt}: a {path.rsplit('.', 1)[-1]} checkpoint, not a {cls.__name__} (--method)")
+    ckpt, state = read_checkpoint(ckpt, "--ckpt")
+    check_stage(ckpt, state, [class_path(cls)], f"--ckpt (--method {method})")
     model = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
     root = state.get("datamodule_hyper_parameters", {}).get("root")
-    return model, root
+    return ckpt, model, root
+
+
+def check_request(args: argparse.Namespace) -> list[str]:
+    """The answers of a request, after refusing what cannot be answered: an empty question, fewer than two
+    answers, an empty or repeated answer, images that are not there, a non-finite scale."""
+    if not args.question.strip():
+        raise MetaVQAError("--question: empty; describe the task")
+    answers = [a.strip() for a in args.answers.split(",")]
+    if any(not a for a in answers):
+        raise MetaVQAError(f"--answers {args.answers!r}: an empty answer; give comma-separated answers")
+    if len(answers) < 2:
+        raise MetaVQAError(f"--answers {args.answers!r}: give at least two, comma-separated")
+    seen: dict[str, str] = {}
+    for a in answers:
+        if a.lower() in seen:
+            also = f" (as {seen[a.lower()]!r})" if seen[a.lower()] != a else ""
+            raise MetaVQAError(f"--answers {args.answers!r}: {a!r} is given twice{also}")
+        seen[a.lower()] = a
+    if args.samples < 1:
+        raise MetaVQAError("--samples must be at least 1")
+    for flag, value in (("--gamma", args.gamma), ("--classifier-scale", args.classifier_scale)):
+        if value is not None and not math.isfinite(value):
+            raise MetaVQAError(f"{flag} {value}: must be a finite number")
+    for p in args.image:
+        if not Path(p).is_file():
+            raise MetaVQAError(f"--image {p}: no such file")
+    return answers
 
 
 def generate(args: argparse.Namespace) -> dict:
+    answers = check_request(args)  # before anything is loaded or written
     device = torch.device(args.device)
-    answers = [a.strip() for a in args.answers.split(",") if a.strip()]
-    if len(answers) < 2:
-        raise MetaVQAError(f"--answers {args.answers!r}: give at least two, comma-separated")
-    if args.samples < 1:
-        raise MetaVQAError("--samples must be at least 1")
-    ckpt = Path(args.ckpt) if args.ckpt else resolve_checkpoint(args.run, args.method, args.generator)
-    if not ckpt.is_file():
-        raise MetaVQAError(f"{ckpt}: checkpoint not found")
-    model, root = _load_stage(ckpt, args.method, device)
+    ckpt = args.ckpt if args.ckpt else resolve_checkpoint(args.run, args.method, args.generator)
+    ckpt, model, root = _load_stage(ckpt, args.method, device)
     if root is None or not (Path(root) / "clip").is_dir():
         raise MetaVQAError(f"{ckpt}: its dataset's CLIP ({root}/clip) is not there to encode the question")
 
@@ -178,9 +200,6 @@ def generate(args: argparse.Namespace) -> dict:
     result = {"out": str(out), "meta": meta, "images": {}}
     if args.image:
         paths = {str(p): p for p in args.image}
-        for p in paths:
-            if not Path(p).is_file():
-                raise MetaVQAError(f"--image {p}: no such file")
         pixels = load_images(paths, clip.config.image_size, progress=False)
         x = encode_images(clip.model, pixels, clip.config.image_mean, clip.config.image_std, progress=False)
         with torch.no_grad():

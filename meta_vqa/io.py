@@ -71,3 +71,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def yaml_error(path: str | os.PathLike | None, e: Exception) -> str:
+    """One line naming the file, line and column of a YAML syntax error."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if path is None:
+        path = getattr(mark, "name", None) or "<yaml>"
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{path}: not valid YAML ({where}{problem})"
+
+
+def check_yaml(path: str | os.PathLike) -> None:
+    """Raise one :class:`ConfigError` naming ``path`` if it is not a readable YAML file."""
+    import yaml
+
+    from meta_vqa.errors import ConfigError
+
+    try:
+        yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error(path, e)) from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable YAML file ({e})") from None

@@ -14,6 +14,11 @@ What the CLI adds to LightningCLI:
   ``--log_name`` place the TensorBoard run.
 * Sizes that follow from the dataset are linked (``data.feature_dim`` → ``model.init_args.feature_dim``).
 * ``--test_after_fit true`` tests the best checkpoint right after ``fit``.
+* **Checkpoints are checked before anything is created** (:mod:`meta_vqa.stages.checkpoints`):
+  ``--ckpt_path`` must be a readable checkpoint of the configured stage (``fit``: with the training state to
+  resume), its weights must fit the model, and every load is ``weights_only=True``, the Trainer's too.
+* **Training stops at the first non-finite loss or gradient** (:class:`~meta_vqa.callbacks.StopOnNonFinite`),
+  before the step is applied, so no checkpoint or result is made from it.
 * Bad input is one :class:`~meta_vqa.errors.MetaVQAError` (printed by ``meta-vqa`` as one ``error:`` line).
 """
 
@@ -29,9 +34,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from meta_vqa.callbacks import LastCheckpoint
+from meta_vqa.callbacks import LastCheckpoint, StopOnNonFinite
 from meta_vqa.data.datamodule import MetaVQADataModule
-from meta_vqa.errors import ConfigError, MetaVQAError
+from meta_vqa.errors import ConfigError, DataError, MetaVQAError
+from meta_vqa.io import check_yaml
+from meta_vqa.stages.checkpoints import check_stage, check_weights, read_checkpoint
 
 VERBS = ("fit", "validate", "test", "predict")
 DEFAULTS = "defaults.yaml"
@@ -93,17 +100,69 @@ class MetaVQACLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """``--ckpt_path``: the checkpoint's hyperparameters replace the config file's, but not the
-        model arguments given explicitly on the command line (e.g. ``--model.init_args.results_dir``)."""
+        """``--ckpt_path``: checked (see :meth:`_check_ckpt_path`), then its hyper-parameters replace the
+        config file's model arguments, but not those given explicitly on the command line (e.g.
+        ``--model.init_args.results_dir``)."""
         sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt = self._check_ckpt_path(sub)
+        if ckpt is None:
+            return
         keys = getattr(self, "_cli_model_keys", set())
-        init = self.config[sub].model.get("init_args") if sub else None
+        init = self.config[sub].model.get("init_args")
         kept = {k: init[k] for k in keys if init is not None and k in init}
-        super()._parse_ckpt_path()
+        # as LightningCLI._parse_ckpt_path, from the checkpoint already read (weights_only=True)
+        hparams = dict(ckpt["hyper_parameters"])
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         if kept:
             init = self.config[sub].model.init_args
             for k, v in kept.items():
                 init[k] = v
+
+    def _check_ckpt_path(self, sub: str) -> dict | None:
+        """Read ``--ckpt_path`` (a path or ``file://`` URL) with ``weights_only=True`` and check it is a
+        checkpoint of the configured stage, with the training state where ``fit`` resumes from it. Keeps the
+        shapes of its weights for :meth:`after_instantiate_classes`; returns the checkpoint."""
+        cfg = self.config[sub]
+        if cfg.get("weights_only") is False:
+            raise ConfigError("--weights_only: checkpoints are only ever read with weights_only=True")
+        value = cfg.get("ckpt_path")
+        writer = any(getattr(cb, "class_path", None) == _WRITER for cb in cfg.trainer.get("callbacks") or [])
+        if sub == "predict" and writer and not value:
+            raise ConfigError("--ckpt_path: the adaptation dataset is made from a trained HNet checkpoint")
+        if not value:
+            return None
+        path, ckpt = read_checkpoint(value, "--ckpt_path")
+        model = cfg.get("model")
+        expected = getattr(model, "class_path", None) if model is not None else None
+        check_stage(path, ckpt, [expected] if expected else [], "--ckpt_path")
+        if sub == "fit":
+            missing = [k for k in ("loops", "optimizer_states") if k not in ckpt]
+            if missing:
+                raise DataError(
+                    f"{path}: holds no training state ({missing[0]!r}) to resume from (--ckpt_path); "
+                    "start a new run, or give the stage's last.ckpt"
+                )
+        cfg.ckpt_path = str(path)
+        self._ckpt = (path, {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()})
+        return ckpt
+
+    def after_instantiate_classes(self) -> None:
+        # the strict load of --ckpt_path would fail only once the run has started (logger, config.yaml)
+        super().after_instantiate_classes()
+        if getattr(self, "_ckpt", None) is not None:
+            check_weights(*self._ckpt, self.model, "--ckpt_path")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        kwargs["weights_only"] = True  # whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+        return kwargs
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # sizes that follow from the dataset are linked, never typed twice in YAML
@@ -111,6 +170,7 @@ class MetaVQACLI(LightningCLI):
         parser.link_arguments("data.question_dim", "model.init_args.question_dim", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(StopOnNonFinite, "stop_on_non_finite")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -159,6 +219,8 @@ class MetaVQACLI(LightningCLI):
             raise ConfigError(
                 f"model: {name!r} has no trainable parameters; evaluate it with `meta-vqa test`"
             )
+        if getattr(self.datamodule, "adaptation", None) is not None:
+            _ = self.datamodule.adaptation_data  # read and checked now, not once the run's folder exists
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -177,6 +239,10 @@ def run_stage(argv: list[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    configs = config_files(argv)
+    for path in [*(default_files(configs[0]) if configs else []), *configs]:
+        if path.is_file():
+            check_yaml(path)  # jsonargparse reports a YAML error without the file's name
     try:
         MetaVQACLI(args=list(argv))
     except ArgumentError as e:

@@ -62,3 +62,20 @@ def smoke_hnet(synthetic_root, tmp_path_factory) -> dict:
     ckpt = next((work / "lightning_logs").rglob("best.ckpt"))
     records = json.loads((work / "results" / "results.json").read_text())
     return {"root": synthetic_root, "dir": work, "ckpt": ckpt, "results": records}
+
+
+@pytest.fixture(scope="session")
+def smoke_adaptation(smoke_hnet, tmp_path_factory) -> Path:
+    """The adaptation dataset of the session's HNet (conf/smoke/adapt.yaml), made once per session."""
+    from meta_vqa.cli import main
+
+    out = tmp_path_factory.mktemp("smoke_adaptation") / "adaptation"
+    args = [
+        "predict",
+        "-c",
+        str(REPO / "conf" / "smoke" / "adapt.yaml"),
+        "--data.root",
+        str(smoke_hnet["root"]),
+    ]
+    assert main([*args, "--ckpt_path", str(smoke_hnet["ckpt"]), "--stage_dir", str(out)]) == 0
+    return out

@@ -22,6 +22,7 @@ from meta_vqa.errors import DataError  # noqa: E402
 from meta_vqa.io import sha256_file  # noqa: E402
 from meta_vqa.nets.clip import ClipConfig, load_clip  # noqa: E402
 from meta_vqa.prepare import easy_vqa as ev  # noqa: E402
+from meta_vqa.prepare.staging import staging_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +202,12 @@ def test_second_prepare_reuses(tiny) -> None:
 def test_partial_folder_reuses_the_trained_clip(tiny) -> None:
     out, _, logs = tiny
     weights = sha256_file(out / "clip/model.safetensors")
-    (out / MANIFEST).unlink()  # as if the run had died while encoding
+    # as if a build had died while encoding: its folder beside out holds the trained CLIP, no manifest
+    (out / MANIFEST).unlink()
+    out.rename(staging_dir(out))
     summary = ev.prepare_easy_vqa(out, log_dir=logs, **TINY)
     assert not summary["reused"] and summary["clip"]["reused"]
+    assert not staging_dir(out).exists()
     assert sha256_file(out / "clip/model.safetensors") == weights and verify_manifest(out) == []
     assert len(list((logs / "clip").iterdir())) == 1
     # Other options rebuild the dataset; a changed file is noticed and rebuilt too.

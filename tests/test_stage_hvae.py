@@ -130,7 +130,7 @@ def test_bad_inputs_are_one_error_line(chain, smoke_hnet, tmp_path, monkeypatch,
     assert "sha256 differs" in _one_error_line(capfd)
     # a missing upstream checkpoint, and none at all
     assert main(_hvae_args(dict(ok, hnet_ckpt=tmp_path / "nope.ckpt"))) == 2
-    assert f"{tmp_path / 'nope.ckpt'}: upstream checkpoint not found" in _one_error_line(capfd)
+    assert f"{tmp_path / 'nope.ckpt'}: checkpoint not found (model.upstream_ckpt)" in _one_error_line(capfd)
     assert main(_hvae_args(ok, "--model.init_args.upstream_ckpt", "null")) == 2
     assert "model.upstream_ckpt: required" in _one_error_line(capfd)
     # a missing adaptation dataset

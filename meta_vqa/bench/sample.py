@@ -8,13 +8,12 @@ each sampler (accuracy figures carry both values and no ratio).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 from meta_vqa.bench import figure, resolve_device, timed
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.errors import MetaVQAError
+from meta_vqa.stages.checkpoints import check_stage, read_checkpoint
+from meta_vqa.stages.handoff import class_path
 from meta_vqa.stages.hyperldm import HyperLDMStage
 
 
@@ -42,14 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
-    if not Path(args.ckpt).is_file():
-        raise MetaVQAError(f"{args.ckpt}: checkpoint not found")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    path, ckpt = read_checkpoint(args.ckpt, "--ckpt")
+    check_stage(path, ckpt, [class_path(HyperLDMStage)], "--ckpt")
     data_hp = ckpt.get("datamodule_hyper_parameters", {})
     root = args.data_root or data_hp.get("root")
     if root is None:
-        raise MetaVQAError(f"{args.ckpt}: no dataset recorded; pass --data-root")
-    model = HyperLDMStage.load_from_checkpoint(args.ckpt, map_location=device, weights_only=True).eval()
+        raise MetaVQAError(f"{path}: no dataset recorded; pass --data-root")
+    model = HyperLDMStage.load_from_checkpoint(path, map_location=device, weights_only=True).eval()
     dm = MetaVQADataModule(
         root,
         split=args.split or data_hp.get("split", "random"),

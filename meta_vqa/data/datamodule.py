@@ -24,6 +24,7 @@ from meta_vqa.data.adaptation import (
 from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch
 from meta_vqa.data.features import FeatureStore, feature_dir, read_manifest, verify_manifest
 from meta_vqa.data.latents import AdaptationData, EpochBatches, LatentTasks, identity
+from meta_vqa.data.resumable import resumable
 from meta_vqa.data.tasks import Task, load_tasks
 from meta_vqa.errors import ConfigError, DataError
 
@@ -214,18 +215,25 @@ class MetaVQADataModule(L.LightningDataModule):
             num_workers=0,
         )
 
+    def _fit_loader(self, loader: DataLoader) -> DataLoader:
+        # one process: a loader a resumed run continues mid-pass, drawing random numbers only when a batch
+        # is taken (meta_vqa.data.resumable; the same batches and draws); several: Lightning shards it
+        single = self.trainer is None or self.trainer.world_size == 1
+        return resumable(loader) if single else loader
+
     def train_dataloader(self) -> DataLoader:
         if self.adaptation is not None:
             data = self.adaptation_data
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             batches = EpochBatches(data.epochs, data.num_tasks, self.batch_size, seed)
-            return DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
-        return self._loader("train", True, self.batch_size)
+            loader = DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
+            return self._fit_loader(loader)
+        return self._fit_loader(self._loader("train", True, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         if not self._items["val"]:
             return []
-        return self._loader("val", False, self.eval_batch_size)
+        return self._fit_loader(self._loader("val", False, self.eval_batch_size))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)

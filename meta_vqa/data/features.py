@@ -10,12 +10,13 @@ Layout of ``<root>/features/<encoder>/``:
 
 ``<root>/dataset.json`` records the encoder, the dimensions, the counts, the builder version and the
 sha256 of every file, so a consumer can tell a complete, valid dataset from a half-written one.
-Features are stored un-normalised in float32, as the authors stored them. Never pickles.
+Features are stored un-normalised in float32, as the authors stored them, and are finite: a NaN or infinite
+value is refused when a dataset is written and when it is loaded (:func:`check_finite`). Never pickles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,26 @@ def save_tensors(
     """Save contiguous tensors to a safetensors file atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def check_finite(path: Path, matrix: torch.Tensor, row_name: Callable[[int], str]) -> None:
+    """Raise one :class:`DataError` naming the file, the first row with a NaN or infinite value and what
+    that row is (``row_name(row)``, e.g. "image 'img17'")."""
+    rows = torch.isfinite(matrix.reshape(matrix.shape[0], -1)).all(dim=1)
+    if bool(rows.all()):
+        return
+    bad = (~rows).nonzero().flatten()
+    more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+    r = int(bad[0])
+    raise DataError(f"{path}: row {r} ({row_name(r)}) is not finite{more}")
+
+
+def _answer_row_name(questions: Sequence[str], answers: Sequence[Sequence[str]], offsets: torch.Tensor):
+    def name(row: int) -> str:
+        q = int(torch.searchsorted(offsets, torch.tensor(row), right=True)) - 1
+        return f"answer {answers[q][row - int(offsets[q])]!r} of question {questions[q]!r}"
+
+    return name
 
 
 def write_features(
@@ -65,14 +86,15 @@ def write_features(
         if f.shape[0] != len(a):
             raise DataError(f"{out}: task {q!r}: {len(a)} answers but {f.shape[0]} answer feature rows")
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    answer_matrix = torch.cat(list(answer_features)).float()
+    check_finite(out / "images.safetensors", image_features, lambda r: f"image {image_ids[r]!r}")
+    check_finite(out / "questions.safetensors", question_features, lambda r: f"question {questions[r]!r}")
+    check_finite(out / "answers.safetensors", answer_matrix, _answer_row_name(questions, answers, offsets))
     save_tensors(out / "images.safetensors", {"features": image_features.float()})
     write_json(out / "images.json", list(image_ids), indent=None)
     save_tensors(out / "questions.safetensors", {"features": question_features.float()})
     write_json(out / "questions.json", list(questions), indent=None)
-    save_tensors(
-        out / "answers.safetensors",
-        {"features": torch.cat(list(answer_features)).float(), "offsets": offsets},
-    )
+    save_tensors(out / "answers.safetensors", {"features": answer_matrix, "offsets": offsets})
     write_json(out / "answers.json", [[q, list(a)] for q, a in zip(questions, answers)], indent=None)
     return [out / f"{kind}.{ext}" for kind in KINDS for ext in ("safetensors", "json")]
 
@@ -195,4 +217,8 @@ class FeatureStore:
                 f"{d / 'answers.safetensors'}: feature dimension {af.shape[1]} differs from the "
                 f"image features' {images.shape[1]}"
             )
+        texts = [a for _, a in answers]
+        check_finite(d / "images.safetensors", images, lambda r: f"image {image_ids[r]!r}")
+        check_finite(d / "questions.safetensors", qf, lambda r: f"question {questions[r]!r}")
+        check_finite(d / "answers.safetensors", af, _answer_row_name(questions, texts, offsets))
         return cls(encoder, image_ids, images, questions, qf, [a for _, a in answers], af, offsets)

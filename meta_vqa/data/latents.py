@@ -163,7 +163,15 @@ class AdaptationData:
             raise DataError(f"{data_file}: missing tensor {missing[0]!r}")
         data = cls(data_file, tensors, meta)
         data._check_shapes()
+        data._check_finite()
         return data
+
+    def _check_finite(self) -> None:
+        """Latents and questions must be finite (a diverged HNet would hand on NaN latents)."""
+        for key, t in sorted(self.tensors.items()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                where = (~torch.isfinite(t)).nonzero()[0].tolist()
+                raise DataError(f"{self.path}: {key!r} is not finite at index {where}")
 
     def _check_shapes(self) -> None:
         t = self.tensors

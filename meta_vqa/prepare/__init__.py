@@ -21,8 +21,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from meta_vqa.errors import DataError
-
 log = logging.getLogger(__name__)
 
 DATASETS = ("easy-vqa", "synthetic", "meta-vqa")
@@ -45,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``meta-vqa prepare`` with the arguments ``argv``; errors are :class:`MetaVQAError`."""
+    if argv[:1] == ["meta-vqa"]:
+        from meta_vqa.prepare.meta_vqa import main as meta_vqa_main
+
+        return meta_vqa_main(argv[1:])
+    if argv[:1] == ["synthetic"] and any(a == "--tasks" or a.startswith("--tasks=") for a in argv):
+        from meta_vqa.prepare.synthetic_tasks import main as synthetic_tasks_main
+
+        return synthetic_tasks_main(argv[1:])
     args = build_parser().parse_args(argv)
     out = args.out or DEFAULT_OUT[args.dataset]
     if args.dataset == "synthetic":
@@ -59,18 +65,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def prepare_synthetic(out: str, seed: int, force: bool) -> int:
-    """The small synthetic dataset of the tests and conf/smoke (kept if already built)."""
-    from meta_vqa.data.features import read_manifest
+def prepare_synthetic(out: str | Path, seed: int, force: bool) -> int:
+    """The small synthetic dataset of the tests and conf/smoke: built in a staging folder and swapped in
+    whole; an existing one is kept only after every file's sha256 was checked."""
+    from meta_vqa.prepare import synthetic
+    from meta_vqa.prepare.staging import fresh_staging, publish, reusable
 
     root = Path(out)
-    if (root / "dataset.json").is_file() and not force:
-        if read_manifest(root).get("builder") != "synthetic":
-            raise DataError(f"{root / 'dataset.json'}: another dataset is there; choose another --out")
-        print(f"{root}: synthetic dataset already built (--force rebuilds it)")
+    seed = 0 if seed == 2021 else seed
+    options = synthetic.options(seed=seed)
+    if reusable(root, synthetic.BUILDER, synthetic.BUILDER_VERSION, options, force) is not None:
+        print(f"{root}: synthetic dataset already built, every file checked (--force rebuilds it)")
         return 0
-    from meta_vqa.prepare.synthetic import make_synthetic
-
-    make_synthetic(root, seed=0 if seed == 2021 else seed)
+    staging = fresh_staging(root)
+    synthetic.make_synthetic(staging, **options)
+    publish(staging, root)
     print(f"{root}: synthetic dataset built")
     return 0

@@ -12,6 +12,9 @@ builds a complete dataset folder::
     features/easyclip-minilm/...         image, question and answer-prompt features
     dataset.json                         manifest, written last: its presence means complete
 
+The folder is built beside ``out`` and swapped in whole (:mod:`meta_vqa.prepare.staging`), so a kill never
+leaves a half-written dataset under ``out``; a kept dataset is reused only after every file was checked.
+
 Each question's family and answer template come from the rule table of
 :mod:`meta_vqa.data.easy_vqa_questions`.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,11 +41,12 @@ from meta_vqa.data.easy_vqa_questions import (
     question_family,
 )
 from meta_vqa.data.encode import encode_dataset, load_images
-from meta_vqa.data.features import MANIFEST, read_manifest, verify_manifest, write_manifest
+from meta_vqa.data.features import write_manifest
 from meta_vqa.data.tasks import Task, build_tasks, save_tasks, split_tasks, task_statistics
 from meta_vqa.errors import DataError
 from meta_vqa.io import write_json
-from meta_vqa.nets.clip import ClipConfig
+from meta_vqa.nets.clip import CLIP_DIR, ClipConfig, clip_is_complete
+from meta_vqa.prepare.staging import fresh_staging, publish, reusable
 from meta_vqa.stages.clip import load_or_train_clip, torch_threads
 
 log = logging.getLogger(__name__)
@@ -280,24 +285,20 @@ def prepare_easy_vqa(
     options["clip"] = clip_options
     options = json.loads(json.dumps(options))  # as stored (tuples become lists), so reruns compare equal
     clip_options = options["clip"]
-    existing = read_manifest(out) if (out / MANIFEST).is_file() else None
-    if existing is not None and existing.get("builder") != BUILDER and not force:
-        raise DataError(
-            f"{out / MANIFEST}: the folder holds a {existing.get('builder')!r} dataset, not {BUILDER!r}; "
-            "choose another folder or force a rebuild"
-        )
-    if existing is not None and not force:
-        if existing.get("builder_version") == BUILDER_VERSION and existing.get("options") == options:
-            if not verify_manifest(out, existing):
-                log.info("%s: dataset complete and valid, reusing it", out)
-                return _summary(out, existing, True, {"total": time.perf_counter() - start})
-        log.info("%s: dataset was built with other options or its files changed; rebuilding", out)
-    (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is incomplete until the manifest
+    kept = reusable(out, BUILDER, BUILDER_VERSION, options, force)
+    if kept is not None:
+        log.info("%s: dataset complete and valid, reusing it", out)
+        return _summary(out, kept, True, {"total": time.perf_counter() - start})
+    # built beside out and swapped in whole; a CLIP trained by an interrupted build, or the kept
+    # dataset's, is reused if it was trained with these options (load_or_train_clip checks)
+    staging = fresh_staging(out, keep=() if force else (CLIP_DIR,))
+    if not force and not (staging / CLIP_DIR).exists() and clip_is_complete(out / CLIP_DIR):
+        shutil.copytree(out / CLIP_DIR, staging / CLIP_DIR)
 
     times: dict[str, float] = {}
     t = time.perf_counter()
     data = load_package(max_images)
-    built = _write_tasks(out, data, seed, held_out_families)
+    built = _write_tasks(staging, data, seed, held_out_families)
     times["tasks"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -309,7 +310,7 @@ def prepare_easy_vqa(
     captions, sets = clip_training_data(data, image_ids, images)
     train_kw = {"epochs": clip_epochs, "batch_size": clip_batch_size, "lr": clip_lr, "seed": seed}
     clip, clip_reused = load_or_train_clip(
-        out, clip_config, captions, sets["train"], sets["test"], options=clip_options, force=force,
+        staging, clip_config, captions, sets["train"], sets["test"], options=clip_options, force=force,
         log_dir=log_dir, progress=progress, num_threads=num_threads, **train_kw,
     )  # fmt: skip
     times["clip"] = time.perf_counter() - t
@@ -318,7 +319,7 @@ def prepare_easy_vqa(
     cfg = clip.config
     with torch_threads(num_threads):
         enc = encode_dataset(
-            out, ENCODER, clip.model, clip.tokenizer, image_ids, images, built["tasks"], built["prompts"],
+            staging, ENCODER, clip.model, clip.tokenizer, image_ids, images, built["tasks"], built["prompts"],
             cfg.image_mean, cfg.image_std, progress=progress,
         )  # fmt: skip
     times["features"] = time.perf_counter() - t
@@ -329,7 +330,8 @@ def prepare_easy_vqa(
         "reused": clip_reused,
     }
     info = _manifest_info(built, enc, clip_info, options)
-    write_manifest(out, info)
+    write_manifest(staging, info)
+    publish(staging, out)
     times["total"] = time.perf_counter() - start
     log.info("%s: dataset written in %.1f s", out, times["total"])
     return _summary(out, info, False, times)

@@ -23,7 +23,7 @@ from meta_vqa.errors import ConfigError
 from meta_vqa.io import sha256_file
 from meta_vqa.prepare import authors_features, clip_encode
 from meta_vqa.prepare.layout import TASK_FILES, common_info, task_images, write_prompts, write_task_files
-from meta_vqa.prepare.staging import normalise, publish, reusable, staging_dir
+from meta_vqa.prepare.staging import fresh_staging, normalise, publish, reusable
 from meta_vqa.prepare.vqa_recipe import SEED, build_meta_vqa_tasks
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,7 @@ def prepare_meta_vqa(
         log.info("%s: dataset complete and valid, reusing it", out)
         return _summary(out, kept, True, {"total": time.perf_counter() - start})
 
-    staging = staging_dir(out)
-    _clean_staging(staging, keep_shards=mode == "encode")
+    staging = fresh_staging(out, keep=(SHARDS,) if mode == "encode" else ())
     times: dict[str, float] = {}
     t = time.perf_counter()
     train, test, task_report = _load_tasks(tasks, vqa_root, seed)
@@ -192,16 +191,6 @@ def _inputs_changed(manifest: dict, tasks: str | Path | None, features: str | Pa
             if recorded.get(kind, {}).get("sha256") != sha256_file(path):
                 return True
     return False
-
-
-def _clean_staging(staging: Path, keep_shards: bool) -> None:
-    """An empty build folder, except the image shards an interrupted encoding left (they check themselves)."""
-    if staging.is_dir():
-        for entry in staging.iterdir():
-            if keep_shards and entry.name == SHARDS:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    staging.mkdir(parents=True, exist_ok=True)
 
 
 def _encode(

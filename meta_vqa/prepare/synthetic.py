@@ -8,6 +8,7 @@ noise). A task asks for one attribute; its answer prompts are that attribute's v
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from meta_vqa.data.tasks import Task, save_tasks, split_support_query, task_stat
 from meta_vqa.io import write_json
 
 BUILDER = "synthetic"
+BUILDER_VERSION = 1
 
 
 def make_synthetic(
@@ -29,8 +31,13 @@ def make_synthetic(
     noise: float = 0.3,
     seed: int = 0,
 ) -> Path:
-    """Write a complete dataset folder (tasks, prompts, features, manifest) under ``root``."""
+    """Write a complete dataset folder (tasks, prompts, features, manifest) under ``root``; its manifest
+    records the arguments (``options``), so a rebuild with others is told apart."""
     root = Path(root)
+    used = options(
+        dim=dim, n_images=n_images, n_attributes=n_attributes, n_values=n_values,
+        tasks_per_attribute=tasks_per_attribute, noise=noise, seed=seed,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(n_attributes, n_values, dim, generator=g)
     attr_of_image = torch.randint(0, n_values, (n_images, n_attributes), generator=g)
@@ -90,7 +97,8 @@ def make_synthetic(
         root,
         {
             "builder": BUILDER,
-            "builder_version": 1,
+            "builder_version": BUILDER_VERSION,
+            "options": used,
             "encoder": encoder,
             "dim": dim,
             "question_dim": dim,
@@ -99,3 +107,12 @@ def make_synthetic(
         },
     )
     return root
+
+
+def options(**given) -> dict:
+    """The arguments of :func:`make_synthetic`: its defaults, overridden by ``given``."""
+    params = inspect.signature(make_synthetic).parameters
+    unknown = set(given) - set(params)
+    if unknown:
+        raise TypeError(f"make_synthetic has no argument {sorted(unknown)[0]!r}")
+    return {k: given.get(k, p.default) for k, p in params.items() if k != "root"}

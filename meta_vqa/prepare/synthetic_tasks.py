@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from meta_vqa.data.features import write_features, write_manifest
 from meta_vqa.data.tasks import Task, load_prompts, load_tasks
 from meta_vqa.errors import ConfigError
 from meta_vqa.prepare.layout import TASK_FILES, common_info, task_images, write_prompts, write_task_files
-from meta_vqa.prepare.staging import normalise, publish, reusable, staging_dir
+from meta_vqa.prepare.staging import fresh_staging, normalise, publish, reusable
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +150,7 @@ def make_synthetic_meta_vqa(
     image_ids = task_images(tasks)
     feats = synthesise_features(tasks, image_ids, dim, seed)
 
-    staging = staging_dir(out)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(out)
     write_features(
         staging, ENCODER, image_ids, feats["images"], [t.question for t in tasks], feats["questions"],
         [list(t.answers) for t in tasks], feats["answers"],

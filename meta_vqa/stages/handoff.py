@@ -7,7 +7,7 @@ dataset belongs to the generator a stage trains on, :func:`check_adaptation`::
     self.hparams["upstream"] = record
 
 * Training from scratch (``upstream_ckpt`` set, no record): the checkpoint is read with
-  ``weights_only=True``, the upstream stage is rebuilt from its saved hyper-parameters, its weights are
+  ``weights_only=True`` (:func:`~meta_vqa.stages.checkpoints.read_checkpoint`), the upstream stage is rebuilt from its saved hyper-parameters, its weights are
   loaded strictly, it is frozen and kept in eval mode. The record (class path, hyper-parameters, sha256,
   path) goes into the downstream hyper-parameters.
 * Restoring a downstream checkpoint (record present): the upstream is rebuilt from the record alone and
@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import pickle
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch import nn
 
 from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.io import sha256_file
+from meta_vqa.stages.checkpoints import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +47,6 @@ class FrozenUpstream(nn.Module):
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint loaded with ``weights_only=True``; bad files raise one :class:`DataError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: upstream checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(
-            f"{path}: holds objects other than plain weights and settings; refusing to unpickle it ({e})"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise DataError(
-            f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else e})"
-        ) from None
-    for key in ("state_dict", "hyper_parameters"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise DataError(f"{path}: not a Lightning checkpoint of a stage (no {key!r})")
-    return ckpt
 
 
 def _resolve(name: str | None, expected: tuple[type, ...], where: str) -> type:
@@ -97,20 +75,21 @@ def build_upstream(
         ) from None
 
 
-def load_upstream(path: str | Path, expected: tuple[type, ...]) -> tuple[L.LightningModule, dict]:
+def load_upstream(
+    path: str | Path, expected: tuple[type, ...], key: str = "model.upstream_ckpt"
+) -> tuple[L.LightningModule, dict]:
     """Rebuild and strictly load a stage from its checkpoint; returns ``(module, record)``."""
-    path = Path(path)
-    ckpt = read_checkpoint(path)
+    path, ckpt = read_checkpoint(path, key)
     hparams = dict(ckpt["hyper_parameters"])
     name = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
     record = {"class_path": name or class_path(expected[0]), "hparams": hparams, "path": str(path)}
-    module = build_upstream(record, expected, where=str(path))
+    module = build_upstream(record, expected, where=f"{key} {path}")
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
         raise DataError(
-            f"{path}: weights do not match {type(module).__name__} ({str(e).splitlines()[0]})"
+            f"{path}: weights do not match {type(module).__name__} ({str(e).splitlines()[0]}) ({key})"
         ) from None
     record["sha256"] = sha256_file(path)
     return module, record
@@ -130,13 +109,11 @@ def attach_upstream(
     elif upstream_ckpt is None:
         raise ConfigError(f"{key}: required (the upstream stage's checkpoint)")
     else:
-        if not Path(upstream_ckpt).is_file():
-            raise DataError(f"{upstream_ckpt}: upstream checkpoint not found ({key})")
-        module, record = load_upstream(upstream_ckpt, expected)
+        module, record = load_upstream(upstream_ckpt, expected, key)
         log.info(
             "upstream %s loaded from %s (sha256 %s…)",
             record["class_path"],
-            upstream_ckpt,
+            record["path"],
             record["sha256"][:12],
         )
     return FrozenUpstream(module), record
