@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from meta_vqa.callbacks import LastCheckpoint
 from meta_vqa.data.datamodule import MetaVQADataModule
+from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError, MetaVQAError
 
 VERBS = ("fit", "validate", "test", "predict")
@@ -130,6 +131,7 @@ class MetaVQACLI(LightningCLI):
         """Apply ``--stage_dir``, ``--log_dir`` and ``--log_name`` to the parts that write files."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        check_trainer_precision(trainer.get("precision"), trainer.get("accelerator"))
         logger = trainer.get("logger")
         if logger not in (None, False, True) and hasattr(logger, "init_args"):
             if cfg.get("log_dir") and "save_dir" in logger.init_args:
