@@ -33,6 +33,7 @@ from meta_vqa.callbacks import LastCheckpoint
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError, MetaVQAError
+from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
 VERBS = ("fit", "validate", "test", "predict")
 DEFAULTS = "defaults.yaml"
@@ -161,6 +162,8 @@ class MetaVQACLI(LightningCLI):
             raise ConfigError(
                 f"model: {name!r} has no trainable parameters; evaluate it with `meta-vqa test`"
             )
+        if self.trainer.world_size > 1:  # DDP draws what one process would (see the callback)
+            self.trainer.callbacks.append(RandomStateAfterConstruction())
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

@@ -75,7 +75,12 @@ class MetaVQADataModule(L.LightningDataModule):
         adapt_seed: seed of the subsets.
         adaptation: an adaptation dataset (folder or ``adaptation.safetensors``); if set, training
             batches are :class:`~meta_vqa.data.latents.LatentBatch` es of adapted latents (HVAE,
-            HyperCLIP, HyperLDM), one random adaptation epoch per training epoch.
+            HyperCLIP, HyperLDM) from a random adaptation epoch.
+        new_adaptation_epochs: draw that epoch and the task order anew for every training epoch (the
+            paper's and the authors' way). False (the default, for now) keeps those of the first training
+            epoch throughout, which is what every earlier run of this package did: the loader's batch
+            sampler never saw Lightning's ``set_epoch``. Turning it on changes HVAE, HyperCLIP and
+            HyperLDM results.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class MetaVQADataModule(L.LightningDataModule):
         adapt_lr: float = 0.1,
         adapt_seed: int = 42,
         adaptation: str | None = None,
+        new_adaptation_epochs: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -111,6 +117,7 @@ class MetaVQADataModule(L.LightningDataModule):
             adapt_epochs, adapt_min_fraction, adapt_steps, adapt_lr, adapt_seed
         )
         self.adaptation = adaptation
+        self.new_adaptation_epochs = new_adaptation_epochs
         self._adaptation_data: AdaptationData | None = None
         self._skip_jobs: set[str] = set()
         manifest = read_manifest(self.root)
@@ -230,7 +237,9 @@ class MetaVQADataModule(L.LightningDataModule):
         if self.adaptation is not None:
             data = self.adaptation_data
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            batches = EpochBatches(data.epochs, data.num_tasks, self.batch_size, seed, *self._shard())
+            batches = EpochBatches(
+                data.epochs, data.num_tasks, self.batch_size, seed, *self._shard(), self.new_adaptation_epochs
+            )
             return DataLoader(LatentTasks(data), sampler=batches, batch_size=None, collate_fn=identity)
         return self._loader("train", True, self.batch_size)
 

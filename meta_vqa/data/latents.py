@@ -260,13 +260,22 @@ class EpochBatches(ShardedSampler):
     The choice depends only on ``(seed, pass)`` (Lightning calls :meth:`set_epoch`), so every rank draws the
     same epoch and permutation, any number of ranks trains on the same global batches, and a resumed run
     continues the same sequence (as the authors: one adaptation epoch per training epoch, e.g. 27 batches
-    of 32).
+    of 32). ``follow_epochs=False`` ignores :meth:`set_epoch`: every pass is pass 0 (see
+    ``MetaVQADataModule``'s ``new_adaptation_epochs``).
     """
 
     def __init__(
-        self, epochs: int, tasks: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+        self,
+        epochs: int,
+        tasks: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        follow_epochs: bool = True,
     ):
         super().__init__(rank, world)
+        self.follow_epochs = follow_epochs
         if epochs < 1:
             raise DataError("the adaptation dataset has no epochs; make it with data.adapt_epochs >= 1")
         if batch_size > tasks:  # e.g. the held-out-family split leaves fewer meta-train tasks
@@ -277,6 +286,10 @@ class EpochBatches(ShardedSampler):
             batch_size = tasks
         self._check_batch(batch_size)
         self.epochs, self.tasks, self.batch_size, self.seed = epochs, tasks, batch_size, seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.follow_epochs:
+            self.epoch = epoch
 
     def __len__(self) -> int:
         return self.tasks // self.batch_size

@@ -12,16 +12,22 @@ training step adds here:
   processes then draw the noise one process would, no two ranks share noise, and a stream never repeats.
   :func:`sync_random_state` re-aligns the ranks' RNGs at every training epoch in case anything drew
   unevenly.
+* **The stream one process draws.** Lightning re-seeds every DDP process when it sets up, after the model
+  was built; one process is not re-seeded. :class:`RandomStateAfterConstruction` restores the state the
+  (seeded) construction left, so a DDP run draws the task order and noise of a one-process run.
 * **Rows of all ranks** (:func:`gather_rows`) for results written once.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 
@@ -116,3 +122,25 @@ def reduce_sum(module: L.LightningModule, value: float) -> float:
         return value
     t = torch.tensor(float(value), device=module.device, dtype=torch.float64)
     return float(trainer.strategy.reduce(t, reduce_op="sum"))
+
+
+class RandomStateAfterConstruction(Callback):
+    """Restore, when a DDP run sets up, the host RNG states (torch CPU, numpy, Python) of the moment this
+    callback was made: right after the seeded model was built (``meta-vqa fit`` adds it then).
+
+    Lightning's DDP strategy re-seeds each process in ``setup_environment`` (``reset_seed``), which one
+    process never does; without this, a DDP run would shuffle and draw noise from another point of the
+    stream than one process. Every rank built the same model from the same seed, so every rank restores
+    the same state. CUDA generators are untouched: construction runs on the CPU, so theirs are freshly
+    seeded either way.
+    """
+
+    def __init__(self) -> None:
+        self.state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            cpu, numpy_state, python_state = self.state
+            torch.set_rng_state(cpu)
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)

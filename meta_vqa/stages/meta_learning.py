@@ -8,6 +8,7 @@ per-task parameters they start from (``init_params``) and in how parameters beco
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -79,14 +80,30 @@ class MetaLearningStage(L.LightningModule):
         opt.zero_grad()
         rows = global_batch(self, len(batch))  # this rank's share of the meta-batch (stages.distributed)
         batch = batch.subsample(hp.max_train_examples, hp.max_train_examples, self._subsample_generator())
-        # DDP averages the ranks' gradients (in every manual_backward): dividing each rank's sum by
-        # total / ranks makes that average the mean over the whole meta-batch
-        stats = self.meta_gradient(batch.chunks(hp.chunk_size), self.manual_backward, rows.divisor)
+        chunks = batch.chunks(hp.chunk_size)
+        # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
+        # makes that average the mean over the whole meta-batch
+        stats = self.meta_gradient(chunks, self._chunk_backward(len(chunks)), rows.divisor)
         opt.step()  # gradients are clipped in on_before_optimizer_step
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
         self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
         self.log_train_extras(stats)
         return stats.loss
+
+    def _chunk_backward(self, n_chunks: int) -> Callable[[Tensor], None]:
+        """``manual_backward`` per chunk; under DDP the gradients are all-reduced in the last chunk's pass
+        only. Ranks may cut their shares into different numbers of chunks, and every rank must take part
+        in the same number of all-reduces; the earlier chunks' gradients accumulate locally (``no_sync``)."""
+        strategy = self.trainer.strategy
+        calls = iter(range(n_chunks))
+
+        def backward(loss: Tensor) -> None:
+            last = next(calls) == n_chunks - 1
+            block = hasattr(strategy, "block_backward_sync") and not last
+            with strategy.block_backward_sync() if block else contextlib.nullcontext():
+                self.manual_backward(loss)
+
+        return backward
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # inside opt.step(), after a 16-mixed gradient scaler has unscaled the gradients (clipping the
