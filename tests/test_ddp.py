@@ -20,7 +20,15 @@ from torch.utils.data import DataLoader
 from meta_vqa.cli import main
 from meta_vqa.data.adaptation import AdaptationRecipe, plan_jobs
 from meta_vqa.data.batch import TaskIndexBatch, TaskItems
-from meta_vqa.data.shards import JobChunks, TaskBatches, assign_jobs, share, share_sizes
+from meta_vqa.data.shards import (
+    EvalBatches,
+    JobChunks,
+    TaskBatches,
+    assign_jobs,
+    eval_batch_index,
+    share,
+    share_sizes,
+)
 from meta_vqa.errors import ConfigError
 from meta_vqa.stages.distributed import GlobalBatch
 
@@ -62,6 +70,15 @@ def test_ranks_take_shares_of_the_same_global_batches():
     assert [a + b for a, b in zip(*ranks)] == alone[:2]  # the last global batch (1 task) is dropped
     with pytest.raises(ConfigError, match="data.batch_size"):
         TaskBatches(9, 1, rank=0, world=2)
+
+
+def test_evaluation_batches_are_one_processs_dealt_to_the_ranks():
+    alone = list(EvalBatches(5, 2))
+    assert alone == [[0, 1], [2, 3], [4]]
+    ranks = [list(EvalBatches(5, 2, r, 2)) for r in range(2)]
+    assert ranks == [[[0, 1], [4]], [[2, 3], [2, 3]]]  # rank 1 repeats its batch: the same number of steps
+    assert [eval_batch_index(i, 0, 2) for i in range(2)] == [0, 2]
+    assert list(EvalBatches(1, 4, 1, 2)) == [[0]]  # no batch of its own: the last one again
 
 
 def test_every_adaptation_job_belongs_to_one_rank_and_the_load_is_even():
@@ -107,8 +124,10 @@ def _commands(root: Path, hnet: Path, out: Path) -> list[list[str]]:
          "--ckpt_path", str(hnet), "--trainer.enable_progress_bar", "false"],
         ["fit", "-c", str(SMOKE / "hyperclip.yaml"), *quiet, *adaptation, "--stage_dir",
          str(out / "hyperclip"), "--trainer.max_steps", "4", "--data.batch_size", "5"],
+        # then tested in batches of 2 (5 tasks: rank 0 evaluates batches 0 and 2, rank 1 batch 1 twice)
         ["fit", "-c", str(SMOKE / "hyperldm.yaml"), *quiet, *adaptation, "--stage_dir",
-         str(out / "hyperldm"), "--trainer.max_steps", "4", "--data.batch_size", "7"],
+         str(out / "hyperldm"), "--trainer.max_steps", "4", "--data.batch_size", "7", "--test_after_fit",
+         "true", "--data.eval_batch_size", "2"],
     ]  # fmt: skip
 
 
@@ -160,6 +179,21 @@ def test_two_processes_with_half_batches_make_the_steps_of_one(one_and_two, stag
     diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     assert moved > 1e-3, "the steps changed nothing: the comparison would prove nothing"
     assert diff < 1e-5 and diff < 1e-3 * moved, (stage, diff, moved)
+
+
+def test_ddp_test_results_and_generated_latents_are_those_of_one_process(one_and_two):
+    """HyperLDM samples per batch: each rank evaluates whole batches of one process with their seeds."""
+    one, two = (
+        json.loads((one_and_two[k] / "hyperldm" / "results.json").read_text()) for k in ("one", "two")
+    )
+    assert len(one) == len(two) > 10
+    for a, b in zip(one, two):
+        assert {k: a[k] for k in a if k != "accuracy"} == {k: b[k] for k in b if k != "accuracy"}
+        assert abs(a["accuracy"] - b["accuracy"]) < 1e-9, (a, b)
+    a, b = (load_file(str(one_and_two[k] / "hyperldm" / "latents.safetensors")) for k in ("one", "two"))
+    order = b["generated_task"].argsort()
+    assert torch.equal(a["generated_task"].sort().values, b["generated_task"][order])
+    assert torch.allclose(a["generated"][a["generated_task"].argsort()], b["generated"][order], atol=1e-5)
 
 
 def test_ddp_writes_one_adaptation_dataset_every_job_once(one_and_two):

@@ -24,7 +24,7 @@ from meta_vqa.data.adaptation import (
 from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch, TaskItems
 from meta_vqa.data.features import FeatureStore, feature_dir, read_manifest, verify_manifest
 from meta_vqa.data.latents import AdaptationData, EpochBatches, LatentTasks, identity
-from meta_vqa.data.shards import JobChunks, TaskBatches
+from meta_vqa.data.shards import EvalBatches, JobChunks, TaskBatches
 from meta_vqa.data.tasks import Task, load_tasks
 from meta_vqa.errors import ConfigError, DataError
 
@@ -223,15 +223,10 @@ class MetaVQADataModule(L.LightningDataModule):
             batches = TaskBatches(len(items), batch_size, *self._shard())
             return DataLoader(TaskItems(items), sampler=batches, batch_size=None, collate_fn=identity)
         # evaluation batches of similar-sized tasks: far less padding (results are per task); under DDP
-        # Lightning shards them with its DistributedSampler
+        # each rank evaluates whole batches of one process (meta_vqa.data.shards.EvalBatches)
         items = sorted(items, key=lambda it: (len(it["support"]), len(it["query"])))
-        return DataLoader(
-            items,
-            batch_size=batch_size,
-            shuffle=False,
-            collate_fn=TaskIndexBatch.collate,
-            num_workers=0,
-        )
+        batches = EvalBatches(len(items), batch_size, *self._shard())
+        return DataLoader(TaskItems(items), sampler=batches, batch_size=None, collate_fn=identity)
 
     def train_dataloader(self) -> DataLoader:
         if self.adaptation is not None:

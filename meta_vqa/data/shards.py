@@ -98,6 +98,38 @@ class TaskBatches(ShardedSampler):
             yield batch[share(len(batch), self.rank, self.num_replicas)]
 
 
+class EvalBatches(ShardedSampler):
+    """One process's evaluation batches (positions in order, ``batch_size`` at a time, the last one smaller),
+    dealt to the ranks in turn: batch ``b`` goes to rank ``b mod N`` (:func:`eval_batch_index` inverts it).
+
+    Under DDP every batch is then evaluated exactly as one process evaluates it (the same tasks together,
+    the same per-batch sampling seed), so test results equal one process's. A rank with fewer batches
+    repeats its last one (or, without any, the last batch of all) so that every rank runs the same number
+    of steps; results keep a task's first row, which is always the original's (rank order).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1):
+        super().__init__(rank, world)
+        batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, max(batch_size, 1))]
+        mine = batches[rank::world]
+        steps = -(-len(batches) // world)
+        if batches and len(mine) < steps:
+            mine += [mine[-1] if mine else batches[-1]] * (steps - len(mine))
+        self.batches = mine
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+
+def eval_batch_index(batch_idx: int, rank: int, world: int) -> int:
+    """The position among one process's evaluation batches of a rank's ``batch_idx``-th batch (beyond the
+    last for a repeat) under :class:`EvalBatches`."""
+    return batch_idx * world + rank
+
+
 def assign_jobs(sizes: Sequence[int], world: int) -> list[int]:
     """The rank of each job: largest first to the least loaded rank (ties: the lower rank), so every rank
     gets about the same number of tasks; deterministic, so every rank computes the same assignment."""

@@ -13,6 +13,7 @@ import torch
 
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_markdown, write_results
+from meta_vqa.stages.distributed import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def finish_test(
 ) -> list[dict]:
     """Gather every rank's rows, write results.json/.md on rank 0, log the headline numbers."""
     trainer = module.trainer
-    gather = module.all_gather if trainer.world_size > 1 else None
+    # ranks hold different numbers of rows (batches differ in size): a gather that allows that
+    gather = (lambda rows: gather_rows(module, rows)) if trainer.world_size > 1 else None
     records = collector.records(split_name(module), global_seed(), gather)
     collector.reset()
     for r in records:

@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
+from meta_vqa.data.shards import eval_batch_index
 from meta_vqa.diffusion.guidance import guided_eps_fn
 from meta_vqa.diffusion.schedule import Sampler, Schedule, add_noise, alphas_cumprod, sample
 from meta_vqa.errors import ConfigError
@@ -194,8 +195,10 @@ class HyperLDMStage(GuidanceStage):
         return self.unstandardize(x)
 
     def _seed(self, batch_idx: int) -> int:
-        # the same noise for every γ and control of a batch (paired comparisons); distinct per rank
-        return self.hparams.eval_seed * 1_000_003 + self.global_rank * 10_007 + batch_idx
+        # the same noise for every γ and control of a batch (paired comparisons); per batch of one process,
+        # so that DDP ranks (which evaluate one process's batches) sample what one process samples
+        index = eval_batch_index(batch_idx, self.global_rank, self.trainer.world_size)
+        return self.hparams.eval_seed * 1_000_003 + index
 
     # --- evaluation ----------------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
