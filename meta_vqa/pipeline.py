@@ -16,6 +16,9 @@ stage's result depends on: its command, the bytes of its YAML, the dataset manif
 its upstream stages (a fresh id per completed run, so re-training the HNet makes everything downstream
 stale). A re-run skips finished stages whose hash matches, and moves stale ones to ``OUT/_stale/`` (nothing
 is deleted) before running them again. A stage that was killed resumes from its ``last.ckpt``.
+
+On a cluster: ``--emit slurm`` writes the plan's pending stages as SLURM batch jobs instead of running them
+(:mod:`meta_vqa.slurm`); the jobs' bookkeeping steps (``--job-begin``/``--job-end``) are this module's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 from meta_vqa.errors import ConfigError, MetaVQAError
 from meta_vqa.eval.methods import BASE_VARIANTS, GENERATORS, GUIDANCE, guided_method
 from meta_vqa.io import write_json
+from meta_vqa.slurm import Resources, emit_slurm
 
 log = logging.getLogger(__name__)
 
@@ -518,8 +522,6 @@ def main(argv: list[str]) -> int:
         print(pipe.job_begin(args.job_begin) if args.job_begin else pipe.job_end(args.job_end))
         return 0
     if args.emit == "slurm":
-        from meta_vqa.slurm import Resources, emit_slurm
-
         res = Resources(args.gpus, args.nodes, args.partition, args.time, args.account, args.setup)
         emit_slurm(pipe, args.out_scripts or Path(cfg.out) / "slurm", res)
         return 0

@@ -23,16 +23,37 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
 from meta_vqa.errors import ConfigError
-from meta_vqa.pipeline import Pipeline, Stage
 
 log = logging.getLogger(__name__)
 
 ENV = ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "TOKENIZERS_PARALLELISM=false")
 SIGNAL_BEFORE_LIMIT_S = 90
+
+
+class Stage(Protocol):
+    """What a job needs of one stage of the plan (:class:`meta_vqa.pipeline.Stage`)."""
+
+    name: str
+    argv: list[str]
+    deps: list[str]
+
+
+class Plan(Protocol):
+    """What the scripts are written from (:class:`meta_vqa.pipeline.Pipeline`, which calls this module)."""
+
+    cfg: Any  # the PipelineConfig: data, out, report, title
+    stages: list[Stage]
+
+    def data_digest(self) -> str | None: ...
+
+    def stage_hashes(self, digest: str | None) -> dict[str, str | None]: ...
+
+    def finished_stages(self, hashes: dict[str, str | None]) -> set[str]: ...
 
 
 @dataclass
@@ -134,7 +155,7 @@ def report_script(out: str, title: str, workdir: Path, logs: Path, res: Resource
     return "\n".join(lines)
 
 
-def emit_slurm(pipe: Pipeline, scripts: str | Path, res: Resources) -> Path:
+def emit_slurm(pipe: Plan, scripts: str | Path, res: Resources) -> Path:
     """Write the batch scripts and ``submit.sh`` of ``pipe``'s pending stages into ``scripts``; returns
     the path of ``submit.sh``. Nothing is submitted."""
     cfg = pipe.cfg
