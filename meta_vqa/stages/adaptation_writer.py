@@ -159,6 +159,7 @@ class AdaptationWriter(BasePredictionWriter):
         self.config["upstream"] = {"checkpoint": str(ckpt), "sha256": sha}
         if trainer.is_global_zero:
             write_run(self.out, self.config)
+        trainer.strategy.barrier("adaptation_writer_run")  # recorded before any rank writes a part
 
     # --- per batch: collect, write each finished job ---------------------------------------------
     def write_on_batch_end(
