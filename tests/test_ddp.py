@@ -67,7 +67,8 @@ def test_ranks_take_shares_of_the_same_global_batches():
     for r in range(2):
         torch.manual_seed(0)  # every rank seeded alike (no process group here: no broadcast needed)
         ranks.append(list(TaskBatches(9, 4, rank=r, world=2)))
-    assert [a + b for a, b in zip(*ranks)] == alone[:2]  # the last global batch (1 task) is dropped
+    assert [a + b for a, b in zip(*ranks)] == alone
+    assert ranks[1][-1] == []  # the last batch holds 1 task: rank 1's share is empty
     with pytest.raises(ConfigError, match="data.batch_size"):
         TaskBatches(9, 1, rank=0, world=2)
 
@@ -113,10 +114,14 @@ def _free_port() -> int:
 
 
 def _commands(root: Path, hnet: Path, out: Path) -> list[list[str]]:
-    """Few steps of each stage; batch sizes that split unevenly over 2 ranks (3 → 2+1, 5 → 3+2, 7 → 4+3)."""
+    """Few steps of each stage; batch sizes that split unevenly over 2 ranks (1 → 1+0, 3 → 2+1, 5 → 3+2,
+    7 → 4+3)."""
     quiet = ["--data.root", str(root), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
     adaptation = ["--data.adaptation", str(out / "adaptation"), "--model.init_args.upstream_ckpt", str(hnet)]
     return [
+        # 9 tasks in batches of 4: the third holds 1 task, and rank 1 an empty share (a zero gradient)
+        ["fit", "-c", str(SMOKE / "base.yaml"), *quiet, "--stage_dir", str(out / "base"),
+         "--trainer.max_steps", "4", "--data.batch_size", "4"],
         # chunks of 1 task: rank 0 runs two backward passes, rank 1 one
         ["fit", "-c", str(SMOKE / "hnet.yaml"), *quiet, "--stage_dir", str(out / "hnet"),
          "--trainer.max_steps", "5", "--data.batch_size", "3", "--model.init_args.chunk_size", "1"],
@@ -169,7 +174,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"] if "state_dict" in ckpt else ckpt
 
 
-@pytest.mark.parametrize("stage", ["hnet", "hyperclip", "hyperldm"])
+@pytest.mark.parametrize("stage", ["base", "hnet", "hyperclip", "hyperldm"])
 def test_two_processes_with_half_batches_make_the_steps_of_one(one_and_two, stage):
     one = _state(one_and_two["one"] / stage / "last.ckpt")
     two = _state(one_and_two["two"] / stage / "last.ckpt")

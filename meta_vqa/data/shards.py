@@ -77,8 +77,8 @@ class TaskBatches(ShardedSampler):
 
     On one process this is exactly ``DataLoader(shuffle=True, batch_size=B)``: one seed drawn from the
     global torch RNG per pass, a ``randperm`` from it, batches in order, the remainder kept. Under DDP rank
-    0's seed is broadcast, and a last batch with fewer tasks than ranks is dropped (a rank without a task
-    could not take part in the gradient all-reduce).
+    0's seed is broadcast; a last batch with fewer tasks than ranks leaves some ranks an empty share (they
+    take part in the step with a zero gradient).
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1):
@@ -87,8 +87,7 @@ class TaskBatches(ShardedSampler):
         self.n, self.batch_size = n, batch_size
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (rest > 0 and rest >= self.num_replicas)
+        return -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         seed = _shared_seed(self.num_replicas)

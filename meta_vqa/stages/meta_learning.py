@@ -79,6 +79,10 @@ class MetaLearningStage(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         rows = global_batch(self, len(batch))  # this rank's share of the meta-batch (stages.distributed)
+        if len(batch) == 0:  # a last meta-batch smaller than the ranks: no task here, a zero gradient
+            self.manual_backward(sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad))
+            opt.step()
+            return None
         batch = batch.subsample(hp.max_train_examples, hp.max_train_examples, self._subsample_generator())
         chunks = batch.chunks(hp.chunk_size)
         # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
