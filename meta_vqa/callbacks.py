@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -181,6 +184,31 @@ class LastCheckpoint(Callback):
         self._save(trainer)
 
 
+@contextlib.contextmanager
+def _sharing_callables(module: torch.nn.Module) -> Iterator[None]:
+    """While active, ``copy.deepcopy(module)`` shares the plain callables its (sub)modules hold."""
+    shared = {
+        id(v): v
+        for m in module.modules()
+        for v in vars(m).values()
+        if callable(v) and not isinstance(v, torch.nn.Module | type)
+    }
+
+    def deepcopy_sharing(memo: dict) -> torch.nn.Module:
+        memo.update(shared)
+        del module.__deepcopy__  # copy the module itself the ordinary way
+        try:
+            return copy.deepcopy(module, memo)
+        finally:
+            module.__deepcopy__ = deepcopy_sharing
+
+    module.__deepcopy__ = deepcopy_sharing
+    try:
+        yield
+    finally:
+        del module.__deepcopy__
+
+
 class _TrainableAveragedModel(AveragedModel):
     """An :class:`AveragedModel` that averages only the parameters with ``requires_grad`` and keeps its
     buffers equal to the model's. Frozen parameters (a frozen upstream generator, a HyperCLIP) never
@@ -207,14 +235,21 @@ class _TrainableAveragedModel(AveragedModel):
 
 class EMA(EMAWeightAveraging):
     """Lightning's :class:`EMAWeightAveraging` (same arguments, same checkpoint format) over the trainable
-    parameters only; frozen parameters and buffers are copied from the model."""
+    parameters only; frozen parameters and buffers are copied from the model.
+
+    The averaged copy is a deep copy of the module's tensors and submodules only: plain callables the
+    module holds (an optimizer factory from the CLI, a training-latent sampler) are shared, not copied.
+    A CLI optimizer factory reaches the Trainer, and under DDP its launcher's subprocesses, which cannot
+    be copied (``cannot pickle '_thread.lock'``); on one process copying them only cost memory.
+    """
 
     def __init__(self, *args, decay: float = 0.999, **kwargs):
         super().__init__(*args, decay=decay, **kwargs)
         self._decay = decay
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with _sharing_callables(pl_module):
+            super().setup(trainer, pl_module, stage)
         if self._average_model is not None:
             self._average_model.__class__ = _TrainableAveragedModel
             self._average_model.ema_decay = self._decay

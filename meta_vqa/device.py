@@ -39,3 +39,15 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_trainer_precision(precision: object, accelerator: object, key: str = "trainer.precision") -> None:
+    """Lightning's float16 precisions need CUDA: refuse them, in one line, where training would run on a
+    CPU (``accelerator`` cpu, or auto without a GPU); a CPU runs ``bf16-mixed``."""
+    half = str(precision) in ("16", "16-mixed", "16-true")
+    acc = str(accelerator or "auto")
+    on_cpu = acc == "cpu" or (acc in ("auto", "gpu", "cuda") and not torch.cuda.is_available())
+    if half and on_cpu:
+        raise ConfigError(
+            f"{key}: {precision} (float16) needs a CUDA GPU and none is available; use bf16-mixed on the CPU"
+        )

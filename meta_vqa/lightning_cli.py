@@ -36,9 +36,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from meta_vqa.callbacks import LastCheckpoint, StopOnNonFinite
 from meta_vqa.data.datamodule import MetaVQADataModule
+from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError, DataError, MetaVQAError
 from meta_vqa.io import check_yaml
 from meta_vqa.stages.checkpoints import check_stage, check_weights, read_checkpoint
+from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
 VERBS = ("fit", "validate", "test", "predict")
 DEFAULTS = "defaults.yaml"
@@ -190,6 +192,7 @@ class MetaVQACLI(LightningCLI):
         """Apply ``--stage_dir``, ``--log_dir`` and ``--log_name`` to the parts that write files."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        check_trainer_precision(trainer.get("precision"), trainer.get("accelerator"))
         logger = trainer.get("logger")
         if logger not in (None, False, True) and hasattr(logger, "init_args"):
             if cfg.get("log_dir") and "save_dir" in logger.init_args:
@@ -221,6 +224,8 @@ class MetaVQACLI(LightningCLI):
             )
         if getattr(self.datamodule, "adaptation", None) is not None:
             _ = self.datamodule.adaptation_data  # read and checked now, not once the run's folder exists
+        if self.trainer.world_size > 1:  # DDP draws what one process would (see the callback)
+            self.trainer.callbacks.append(RandomStateAfterConstruction())
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

@@ -16,6 +16,9 @@ stage's result depends on: its command, the bytes of its YAML, the dataset manif
 its upstream stages (a fresh id per completed run, so re-training the HNet makes everything downstream
 stale). A re-run skips finished stages whose hash matches, and moves stale ones to ``OUT/_stale/`` (nothing
 is deleted) before running them again. A stage that was killed resumes from its ``last.ckpt``.
+
+On a cluster: ``--emit slurm`` writes the plan's pending stages as SLURM batch jobs instead of running them
+(:mod:`meta_vqa.slurm`); the jobs' bookkeeping steps (``--job-begin``/``--job-end``) are this module's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 from meta_vqa.errors import ConfigError, MetaVQAError
 from meta_vqa.eval.methods import BASE_VARIANTS, GENERATORS, GUIDANCE, guided_method
 from meta_vqa.io import write_json
+from meta_vqa.slurm import Resources, emit_slurm
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ STAGE_KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
 SPLITS = ("random", "family")
 PREPARERS = ("easy-vqa", "synthetic", "meta-vqa")
 STAMP, RUNNING = "stage.json", "stage.running.json"
+HPC_CKPT = "hpc_ckpt_*.ckpt"  # what Lightning saves on SLURM's time-limit signal (SLURMEnvironment)
 
 
 @dataclass
@@ -223,6 +228,12 @@ def stage_hash(stage: Stage, upstream_runs: dict[str, str], data_digest: str) ->
     return h.hexdigest()
 
 
+def resume_point(folder: Path) -> Path | None:
+    """The newest of a stage's ``last.ckpt`` and Lightning's ``hpc_ckpt_N.ckpt`` (None if neither)."""
+    found = [p for p in [folder / "last.ckpt", *folder.glob(HPC_CKPT)] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def _retire(stage: Stage, out: Path, why: str) -> None:
     """Move a stale or foreign stage folder to OUT/_stale/ (never delete a user's results)."""
     if not stage.dir.exists():
@@ -290,6 +301,40 @@ class Pipeline:
             raise MetaVQAError(f"{manifest}: no dataset here; set data.prepare or run `meta-vqa prepare`")
         return hashlib.sha256(manifest.read_bytes()).hexdigest()
 
+    def data_digest(self) -> str | None:
+        """sha256 of the dataset's manifest, None if the dataset is not built yet."""
+        manifest = Path(self.cfg.data.root) / "dataset.json"
+        return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+
+    def stage(self, name: str) -> Stage:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise ConfigError(f"pipeline: no stage {name!r} in this plan")
+
+    def job_begin(self, name: str) -> str:
+        """A cluster job's first step (one process): ``finished``, ``run`` or ``resume CKPT`` (the
+        ``--ckpt_path`` to add to the stage's command); see :meth:`begin_stage`."""
+        st = self.stage(name)
+        h = self.stage_hashes(self.data_digest())[name]
+        if h is None:
+            raise MetaVQAError(f"pipeline: stage {name} needs the dataset and its upstream stages finished")
+        begun = self.begin_stage(st, h)
+        if begun is None:
+            log.info("%s: up to date, skipped", name)
+            return "finished"
+        status, argv = begun
+        extra = argv[len(st.argv) :]
+        return f"resume {extra[1]}" if extra[:1] == ["--ckpt_path"] else "run"
+
+    def job_end(self, name: str) -> str:
+        """A cluster job's last step: :meth:`finish_stage` with the hash :meth:`job_begin` recorded."""
+        st = self.stage(name)
+        running = _read_json(st.dir / RUNNING)
+        if running is None:
+            raise MetaVQAError(f"pipeline: {st.dir / RUNNING} is missing; the stage's job did not begin here")
+        return self.finish_stage(st, running["hash"])
+
     def run(self, dry_run: bool = False) -> list[dict]:
         if dry_run:
             for st in self.stages:
@@ -325,35 +370,61 @@ class Pipeline:
             return True
         return False
 
-    def _run_stage(self, st: Stage, h: str, counter: str) -> str:
+    def stage_hashes(self, digest: str | None) -> dict[str, str | None]:
+        """The hash of every stage whose upstream stages are all finished (the others: None), from the
+        ``stage.json`` files on disk; ``digest`` None (no dataset yet): every hash is None."""
+        run_ids: dict[str, str] = {}
+        hashes: dict[str, str | None] = {}
+        planned = {st.name for st in self.stages}
+        for st in self.stages:
+            ready = digest is not None and all(
+                d in run_ids or (d not in planned and self._finished_elsewhere(d, run_ids)) for d in st.deps
+            )
+            hashes[st.name] = stage_hash(st, {d: run_ids[d] for d in st.deps}, digest) if ready else None
+            done = _read_json(st.dir / STAMP)
+            if ready and done is not None and done.get("hash") == hashes[st.name]:
+                run_ids[st.name] = done["run_id"]
+        return hashes
+
+    def finished_stages(self, hashes: dict[str, str | None]) -> set[str]:
+        """The stages whose ``stage.json`` holds their current hash (see :meth:`stage_hashes`)."""
+        return {
+            st.name
+            for st in self.stages
+            if hashes[st.name] is not None
+            and (_read_json(st.dir / STAMP) or {}).get("hash") == hashes[st.name]
+        }
+
+    def begin_stage(self, st: Stage, h: str) -> tuple[str, list[str]] | None:
+        """Before a stage runs: None if it is finished with this hash; else retire a stale or foreign
+        folder, record the run in ``stage.running.json``, and return ``(status, argv)``: ``ran``, or
+        ``resumed`` with ``--ckpt_path`` the newest resume point (``last.ckpt``, or the checkpoint
+        Lightning writes when SLURM signals the time limit, ``hpc_ckpt_N.ckpt``)."""
         done = _read_json(st.dir / STAMP)
         if done is not None:
             if done.get("hash") == h:
-                log.info("%s %s: up to date, skipped", counter, st.name)
-                self.summary.append({"stage": st.name, "status": "skipped", "wall_s": 0.0})
-                return done["run_id"]
+                return None
             _retire(st, self.out, "its config or an upstream stage changed")
         argv, status = list(st.argv), "ran"
         running = _read_json(st.dir / RUNNING)
         if running is not None:
             if running.get("hash") != h:
                 _retire(st, self.out, "an interrupted run with another config")
-            elif st.resumable and (st.dir / "last.ckpt").is_file():
-                argv += ["--ckpt_path", str(st.dir / "last.ckpt")]
+            elif st.resumable and (ckpt := resume_point(st.dir)) is not None:
+                argv += ["--ckpt_path", str(ckpt)]
                 status = "resumed"
             elif st.kind == "adapt":
                 status = "resumed"  # the adaptation writer keeps its finished parts
-        log.info("%s %s: %s\n   %s", counter, st.name, status.replace("ran", "running"), _shell(argv))
         started = dt.datetime.now().isoformat(timespec="seconds")
-        write_json(st.dir / RUNNING, {"hash": h, "argv": argv, "started": started})
-        t0 = time.time()
-        rc = _launch(argv, self.cfg.launcher, f"stage {st.name}")
-        wall = round(time.time() - t0, 1)
-        if rc != 0:
-            raise MetaVQAError(
-                f"pipeline: stage {st.name} failed (exit {rc}); fix the cause and rerun the same command "
-                "to continue from there"
-            )
+        write_json(st.dir / RUNNING, {"hash": h, "argv": argv, "started": started, "status": status})
+        return status, argv
+
+    def finish_stage(self, st: Stage, h: str, wall: float | None = None) -> str:
+        """After a stage ran: check its outputs, drop its resume points, write ``stage.json``; its run id."""
+        running = _read_json(st.dir / RUNNING) or {}
+        if wall is None:  # a cluster job: from the start time recorded by begin_stage
+            started = running.get("started")
+            wall = round(time.time() - dt.datetime.fromisoformat(started).timestamp(), 1) if started else 0.0
         absent = [f for f in st.outputs if not (st.dir / f).exists()]
         if absent:
             raise MetaVQAError(
@@ -362,12 +433,15 @@ class Pipeline:
             )
         if not self.cfg.keep_last and (st.dir / "best.ckpt").is_file():
             (st.dir / "last.ckpt").unlink(missing_ok=True)  # the resume point of an unfinished stage only
+        for hpc in st.dir.glob(HPC_CKPT):  # Lightning's checkpoints at a SLURM time-limit signal
+            hpc.unlink()
         run_id = uuid.uuid4().hex
+        status = running.get("status", "ran")
         rec = {
             "hash": h,
             "run_id": run_id,
-            "argv": argv,
-            "started": started,
+            "argv": running.get("argv", st.argv),
+            "started": running.get("started"),
             "wall_s": wall,
             "status": status,
         }
@@ -376,6 +450,24 @@ class Pipeline:
         log.info("   %s: done in %.0f s", st.name, wall)
         self.summary.append({"stage": st.name, "status": status, "wall_s": wall})
         return run_id
+
+    def _run_stage(self, st: Stage, h: str, counter: str) -> str:
+        begun = self.begin_stage(st, h)
+        if begun is None:
+            log.info("%s %s: up to date, skipped", counter, st.name)
+            self.summary.append({"stage": st.name, "status": "skipped", "wall_s": 0.0})
+            return _read_json(st.dir / STAMP)["run_id"]
+        status, argv = begun
+        log.info("%s %s: %s\n   %s", counter, st.name, status.replace("ran", "running"), _shell(argv))
+        t0 = time.time()
+        rc = _launch(argv, self.cfg.launcher, f"stage {st.name}")
+        wall = round(time.time() - t0, 1)
+        if rc != 0:
+            raise MetaVQAError(
+                f"pipeline: stage {st.name} failed (exit {rc}); fix the cause and rerun the same command "
+                "to continue from there"
+            )
+        return self.finish_stage(st, h, wall)
 
     def _write_summary(self, t_start: float) -> None:
         write_json(
@@ -401,6 +493,24 @@ def main(argv: list[str]) -> int:
         "--stages", nargs="+", default=None, help=f"only these stage kinds ({', '.join(STAGE_KINDS)})"
     )
     p.add_argument("--dry-run", action="store_true", help="print the stage commands and stop")
+    cluster = p.add_argument_group(
+        "cluster batch jobs",
+        "--emit slurm writes one sbatch script per pending stage and submit.sh (nothing is submitted)",
+    )
+    cluster.add_argument(
+        "--emit", choices=("slurm",), default=None, help="write batch jobs instead of running"
+    )
+    cluster.add_argument("--out-scripts", default=None, help="folder of the scripts (default: OUT/slurm)")
+    cluster.add_argument("--partition", default=None, help="SLURM partition")
+    cluster.add_argument("--gpus", type=int, default=1, help="GPUs per node, one task each (0: CPU jobs)")
+    cluster.add_argument("--nodes", type=int, default=1, help="nodes per stage job")
+    cluster.add_argument("--time", default=None, help="time limit per job, e.g. 04:00:00")
+    cluster.add_argument("--account", default=None, help="SLURM account")
+    cluster.add_argument(
+        "--setup", action="append", default=[], help="a shell line run first in every job (repeatable)"
+    )
+    cluster.add_argument("--job-begin", metavar="STAGE", default=None, help=argparse.SUPPRESS)
+    cluster.add_argument("--job-end", metavar="STAGE", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. launcher=process)")
     args = p.parse_args(argv)
     over = list(args.overrides)
@@ -412,6 +522,13 @@ def main(argv: list[str]) -> int:
         over.append(f"splits=[{','.join(args.splits)}]")
     cfg = load_config(args.config, over)
     pipe = Pipeline(cfg, args.stages)
+    if args.job_begin or args.job_end:  # the bookkeeping steps of a batch job (meta_vqa.slurm)
+        print(pipe.job_begin(args.job_begin) if args.job_begin else pipe.job_end(args.job_end))
+        return 0
+    if args.emit == "slurm":
+        res = Resources(args.gpus, args.nodes, args.partition, args.time, args.account, args.setup)
+        emit_slurm(pipe, args.out_scripts or Path(cfg.out) / "slurm", res)
+        return 0
     summary = pipe.run(dry_run=args.dry_run)
     if summary:
         ran = [s for s in summary if s["status"] != "skipped"]

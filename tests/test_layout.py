@@ -19,6 +19,7 @@ RANK = {
     "callbacks": 5,
     "lightning_cli": 6,
     "prepare": 6,  # builders may train with a stage (the small CLIP)
+    "slurm": 6.5,  # the pipeline's batch jobs: written from a plan the pipeline hands it
     "pipeline": 7,
     "generate": 7,
     "bench": 7,

@@ -19,6 +19,7 @@ import torch
 
 from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
 from meta_vqa.bench.maml import add_scale_arguments, draw_sizes, make_batch
+from meta_vqa.device import autocast
 from meta_vqa.meta.maml import InnerLoop
 from meta_vqa.stages.hnet import HNetStage
 
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def meta_grad(chunks) -> torch.Tensor:
         stage.zero_grad(set_to_none=True)
-        stage.meta_gradient(chunks)
+        with autocast(device, args.precision):
+            stage.meta_gradient(chunks)
         return torch.cat([p.grad.flatten() for p in params])
 
     def batched() -> torch.Tensor:
@@ -63,10 +65,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     loop = InnerLoop(args.steps, 0.1, True)
 
     def adapt_batched() -> torch.Tensor:
-        return stage.support_latents(batch, loop)
+        with autocast(device, args.precision):
+            return stage.support_latents(batch, loop)
 
     def adapt_per_task() -> torch.Tensor:
-        return torch.cat([stage.support_latents(one, loop) for one in singles])
+        with autocast(device, args.precision):
+            return torch.cat([stage.support_latents(one, loop) for one in singles])
 
     g_b, g_l = batched(), per_task()
     grad_diff = ((g_b - g_l).abs().max() / g_l.abs().max().clamp(min=1e-12)).item()
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "query_sizes": [q for _, q, _ in sizes],
         "grad_rel_max_diff": grad_diff,
         "latent_rel_max_diff": latent_diff,
+        "precision": args.precision,
         "repeats": args.repeats,
     }
     out = [

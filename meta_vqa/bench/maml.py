@@ -14,6 +14,7 @@ import torch
 
 from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
 from meta_vqa.data.batch import TaskBatch
+from meta_vqa.device import PRECISIONS, autocast
 from meta_vqa.stages.base import BaseStage
 
 # 0, 5, ..., 100th percentiles over the 870 meta-train tasks of Meta-VQA (support, query, answers)
@@ -68,6 +69,9 @@ def add_scale_arguments(p: argparse.ArgumentParser, repeats: int) -> None:
     p.add_argument("--second-order", action="store_true", help="second-order MAML instead of first-order")
     p.add_argument("--repeats", type=int, default=repeats, help="timed calls per side (median reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS, help="autocast of both sides (fp16: CUDA only)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -93,7 +97,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def meta_grad(chunks) -> torch.Tensor:
         stage.zero_grad(set_to_none=True)
-        stage.meta_gradient(chunks)
+        with autocast(device, args.precision):
+            stage.meta_gradient(chunks)
         return stage.w0.grad.clone()
 
     def batched() -> torch.Tensor:
@@ -118,6 +123,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "support_sizes": [s for s, _, _ in sizes],
         "query_sizes": [q for _, q, _ in sizes],
         "grad_rel_max_diff": grad_diff,
+        "precision": args.precision,
         "repeats": args.repeats,
     }
     out = [

@@ -127,6 +127,8 @@ class AdaptationChunks(torch.utils.data.Dataset):
         self.chunks = [
             (job, job.items[i : i + chunk]) for job in jobs for i in range(0, len(job.items), max(1, chunk))
         ]
+        index = {job.name: j for j, job in enumerate(jobs)}
+        self.job_of_chunk = [index[job.name] for job, _ in self.chunks]  # position in ``jobs``
 
     def __len__(self) -> int:
         return len(self.chunks)

@@ -93,6 +93,19 @@ class TaskIndexBatch:
         )
 
 
+class TaskItems(torch.utils.data.Dataset):
+    """Task items (index dicts); a list of positions is read as one :class:`TaskIndexBatch`."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, positions: list[int]) -> TaskIndexBatch:
+        return TaskIndexBatch.collate([self.items[i] for i in positions])
+
+
 @dataclass
 class TaskBatch:
     """A batch of B tasks with their features; ``*_mask`` marks the real (unpadded) entries."""

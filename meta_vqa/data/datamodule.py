@@ -21,10 +21,11 @@ from meta_vqa.data.adaptation import (
     first_item,
     plan_jobs,
 )
-from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch
+from meta_vqa.data.batch import FeatureBank, TaskBatch, TaskIndexBatch, TaskItems
 from meta_vqa.data.features import FeatureStore, feature_dir, read_manifest, verify_manifest
 from meta_vqa.data.latents import AdaptationData, EpochBatches, LatentTasks, identity
 from meta_vqa.data.resumable import resumable
+from meta_vqa.data.shards import EvalBatches, JobChunks, TaskBatches
 from meta_vqa.data.tasks import Task, load_tasks
 from meta_vqa.errors import ConfigError, DataError
 
@@ -59,8 +60,11 @@ class MetaVQADataModule(L.LightningDataModule):
         root: the dataset folder (``meta-vqa prepare`` writes it).
         split: ``random`` (the authors' 70/30 task split) or ``family`` (whole question families held out).
         encoder: which feature set to use; default: the manifest's.
-        batch_size: tasks per training (meta-)batch.
-        eval_batch_size: tasks per validation / test / predict batch.
+        batch_size: tasks per training (meta-)batch, over all processes: under DDP each of N ranks takes
+            a share of every batch (about ``batch_size / N``), so N processes make the optimiser step of
+            one (see :mod:`meta_vqa.data.shards`).
+        eval_batch_size: tasks per validation / test / predict batch on each process (results are per
+            task; it only bounds memory).
         val_fraction: share of the meta-train tasks held out, seeded, for model selection.
         val_seed: seed of that choice.
         predict_split: the task set ``predict`` iterates over; ``adaptation``: the jobs that make the
@@ -72,7 +76,12 @@ class MetaVQADataModule(L.LightningDataModule):
         adapt_seed: seed of the subsets.
         adaptation: an adaptation dataset (folder or ``adaptation.safetensors``); if set, training
             batches are :class:`~meta_vqa.data.latents.LatentBatch` es of adapted latents (HVAE,
-            HyperCLIP, HyperLDM), one random adaptation epoch per training epoch.
+            HyperCLIP, HyperLDM) from a random adaptation epoch.
+        new_adaptation_epochs: draw that epoch and the task order anew for every training epoch (the
+            paper's and the authors' way). False (the default, for now) keeps those of the first training
+            epoch throughout, which is what every earlier run of this package did: the loader's batch
+            sampler never saw Lightning's ``set_epoch``. Turning it on changes HVAE, HyperCLIP and
+            HyperLDM results.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class MetaVQADataModule(L.LightningDataModule):
         adapt_lr: float = 0.1,
         adapt_seed: int = 42,
         adaptation: str | None = None,
+        new_adaptation_epochs: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +118,7 @@ class MetaVQADataModule(L.LightningDataModule):
             adapt_epochs, adapt_min_fraction, adapt_steps, adapt_lr, adapt_seed
         )
         self.adaptation = adaptation
+        self.new_adaptation_epochs = new_adaptation_epochs
         self._adaptation_data: AdaptationData | None = None
         self._skip_jobs: set[str] = set()
         manifest = read_manifest(self.root)
@@ -202,18 +213,21 @@ class MetaVQADataModule(L.LightningDataModule):
         return items
 
     # --- loaders -----------------------------------------------------------------------------------
+    def _shard(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the Trainer this DataModule is attached to (0, 1 without one)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _loader(self, which: str, shuffle: bool, batch_size: int) -> DataLoader:
         items = self._items[which]
-        if not shuffle:
-            # evaluation batches of similar-sized tasks: far less padding (results are per task)
-            items = sorted(items, key=lambda it: (len(it["support"]), len(it["query"])))
-        return DataLoader(
-            items,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=TaskIndexBatch.collate,
-            num_workers=0,
-        )
+        if shuffle:  # training: global batches, each rank its share (meta_vqa.data.shards)
+            batches = TaskBatches(len(items), batch_size, *self._shard())
+            return DataLoader(TaskItems(items), sampler=batches, batch_size=None, collate_fn=identity)
+        # evaluation batches of similar-sized tasks: far less padding (results are per task); under DDP
+        # each rank evaluates whole batches of one process (meta_vqa.data.shards.EvalBatches)
+        items = sorted(items, key=lambda it: (len(it["support"]), len(it["query"])))
+        batches = EvalBatches(len(items), batch_size, *self._shard())
+        return DataLoader(TaskItems(items), sampler=batches, batch_size=None, collate_fn=identity)
 
     def _fit_loader(self, loader: DataLoader) -> DataLoader:
         # one process: a loader a resumed run continues mid-pass, drawing random numbers only when a batch
@@ -225,8 +239,10 @@ class MetaVQADataModule(L.LightningDataModule):
         if self.adaptation is not None:
             data = self.adaptation_data
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            batches = EpochBatches(data.epochs, data.num_tasks, self.batch_size, seed)
-            loader = DataLoader(LatentTasks(data), batch_sampler=batches, collate_fn=identity, num_workers=0)
+            batches = EpochBatches(
+                data.epochs, data.num_tasks, self.batch_size, seed, *self._shard(), self.new_adaptation_epochs
+            )
+            loader = DataLoader(LatentTasks(data), sampler=batches, batch_size=None, collate_fn=identity)
             return self._fit_loader(loader)
         return self._fit_loader(self._loader("train", True, self.batch_size))
 
@@ -242,7 +258,9 @@ class MetaVQADataModule(L.LightningDataModule):
         if self.predict_split == "adaptation":
             jobs = [j for j in self.adaptation_jobs() if j.name not in self._skip_jobs]
             chunks = AdaptationChunks(jobs, self._items, self.adaptation_recipe, self.eval_batch_size)
-            return DataLoader(chunks, batch_size=1, shuffle=False, collate_fn=first_item, num_workers=0)
+            # whole jobs per rank: each job is adapted and written by one process, every job once
+            mine = JobChunks(chunks.job_of_chunk, [len(j.items) for j in jobs], *self._shard())
+            return DataLoader(chunks, batch_size=1, sampler=mine, collate_fn=first_item, num_workers=0)
         return self._loader(self.predict_split, False, self.eval_batch_size)
 
     def loader(self, which: Literal["train", "val", "test"], batch_size: int | None = None) -> DataLoader:

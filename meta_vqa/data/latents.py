@@ -30,6 +30,7 @@ from torch import Tensor
 
 from meta_vqa.data.adaptation import SUPPORT_SETS, AdaptationJob
 from meta_vqa.data.features import save_tensors
+from meta_vqa.data.shards import ShardedSampler, share
 from meta_vqa.errors import DataError
 from meta_vqa.io import read_json, sha256_file, write_json
 
@@ -240,7 +241,7 @@ class LatentBatch:
 
 
 class LatentTasks(torch.utils.data.Dataset):
-    """Flat index ``e·T + i`` → task i's latent of epoch e; batches are fetched whole (``__getitems__``)."""
+    """Flat index ``e·T + i`` → task i's latent of epoch e; a list of indices is read as one batch."""
 
     def __init__(self, data: AdaptationData):
         self.latents = data.tensors["latents"]
@@ -256,56 +257,61 @@ class LatentTasks(torch.utils.data.Dataset):
         e, i = flat // self.T, flat % self.T
         return LatentBatch(self.latents[e, i], self.task_ids[i], self.questions[i], int(e[0]), flat)
 
-    def __getitem__(self, i: int) -> LatentBatch:
-        return self.__getitems__([i])
+    def __getitem__(self, i: int | list[int]) -> LatentBatch:
+        return self.__getitems__(i if isinstance(i, list) else [i])
 
 
-class EpochBatches(torch.utils.data.Sampler):
-    """Each pass: one random adaptation epoch, its tasks shuffled, batches of ``batch_size``, leftovers dropped.
+class EpochBatches(ShardedSampler):
+    """Each pass: one random adaptation epoch, its tasks shuffled, global batches of ``batch_size`` (leftovers
+    dropped), each DDP rank its share (:mod:`meta_vqa.data.shards`); indices are flat positions ``e·T + i``.
 
-    The choice depends only on ``(seed, pass)`` (Lightning calls :meth:`set_epoch`), so every DDP rank
-    draws the same epoch and permutation and keeps every ``world_size``-th batch (all ranks the same
-    number), and a resumed run continues the same sequence (as the authors: one adaptation epoch per
-    training epoch, e.g. 27 batches of 32).
+    The choice depends only on ``(seed, pass)`` (Lightning calls :meth:`set_epoch`), so every rank draws the
+    same epoch and permutation, any number of ranks trains on the same global batches, and a resumed run
+    continues the same sequence (as the authors: one adaptation epoch per training epoch, e.g. 27 batches
+    of 32). ``follow_epochs=False`` ignores :meth:`set_epoch`: every pass is pass 0 (see
+    ``MetaVQADataModule``'s ``new_adaptation_epochs``).
     """
 
-    def __init__(self, epochs: int, tasks: int, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        epochs: int,
+        tasks: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        follow_epochs: bool = True,
+    ):
+        super().__init__(rank, world)
+        self.follow_epochs = follow_epochs
         if epochs < 1:
             raise DataError("the adaptation dataset has no epochs; make it with data.adapt_epochs >= 1")
         if batch_size > tasks:  # e.g. the held-out-family split leaves fewer meta-train tasks
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "data.batch_size: %d exceeds the %d tasks of the adaptation dataset; batches of %d",
                 batch_size, tasks, tasks,
             )  # fmt: skip
             batch_size = tasks
+        self._check_batch(batch_size)
         self.epochs, self.tasks, self.batch_size, self.seed = epochs, tasks, batch_size, seed
-        self.pass_ = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.pass_ = epoch
-
-    def _shard(self) -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def _batches(self) -> tuple[int, int, int]:
-        """``(rank, world, batches per rank)``: every rank runs the same number (DDP steps in lockstep)."""
-        rank, world = self._shard()
-        return rank, world, self.tasks // self.batch_size // world
+        if self.follow_epochs:
+            self.epoch = epoch
 
     def __len__(self) -> int:
-        return self._batches()[2]
+        return self.tasks // self.batch_size
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.pass_])
+        rng = np.random.default_rng([self.seed, self.epoch])
         e = int(rng.integers(self.epochs))
         perm = rng.permutation(self.tasks)
-        rank, world, n = self._batches()
-        for b in range(rank, n * world, world):
-            yield (e * self.tasks + perm[b * self.batch_size : (b + 1) * self.batch_size]).tolist()
+        mine = share(self.batch_size, self.rank, self.num_replicas)
+        for b in range(len(self)):
+            batch = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield (e * self.tasks + batch[mine]).tolist()
 
 
 def identity(batch):
-    """Collate of a loader whose dataset returns whole batches (``__getitems__``)."""
+    """Collate of a loader whose dataset returns whole batches."""
     return batch

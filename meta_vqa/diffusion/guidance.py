@@ -25,13 +25,14 @@ Score = Callable[[Tensor], Tensor]  # x0 estimate [B, d] -> per-sample log-score
 
 
 def cfg_eps(model: Denoiser, x: Tensor, t: Tensor, cond: Tensor, gamma: float) -> Tensor:
-    """Classifier-free guided noise prediction; the null condition is the zero vector."""
+    """Classifier-free guided noise prediction; the null condition is the zero vector. In float32 under
+    mixed precision (the extrapolation γ > 1 amplifies the difference of two half-precision outputs)."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if gamma == 0:
-        return model(x, tt, torch.zeros_like(cond))
+        return model(x, tt, torch.zeros_like(cond)).float()
     if gamma == 1:
-        return model(x, tt, cond)
-    both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([torch.zeros_like(cond), cond]))
+        return model(x, tt, cond).float()
+    both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([torch.zeros_like(cond), cond])).float()
     eps_null, eps_cond = both.chunk(2)
     return (1 - gamma) * eps_null + gamma * eps_cond
 

@@ -190,6 +190,7 @@ def meta_gradient(
     inner_split: Split,
     outer_split: Split,
     backward: Callable[[Tensor], None] = Tensor.backward,
+    divisor: float | None = None,
 ) -> MetaStepStats:
     """Accumulate the meta-gradient of one meta-batch, given as chunks of tasks, by calling ``backward``.
 
@@ -197,15 +198,18 @@ def meta_gradient(
     (each chunk's losses are summed and divided by the number of tasks in all chunks), whatever the
     chunking. The authors' loop counted the last task of every meta-batch twice; this is the mean the
     paper describes. ``init(chunk)`` gives the chunk's initial parameters ``[b, P]`` with their graph to
-    the meta-parameters.
+    the meta-parameters. ``divisor`` replaces the task count in the division: a DDP rank holding part of
+    the meta-batch divides its sum by ``total tasks / ranks``, so that DDP's average of the ranks'
+    gradients is the mean over the whole meta-batch. The returned statistics are this call's own means.
     """
     chunks = list(chunks)
     n = max(sum(len(c) for c in chunks), 1)
+    div = n if divisor is None else divisor
     loss_sum = acc_sum = shift_sum = 0.0
     for chunk in chunks:
         start = init(chunk)
         res = outer_losses(chunk, start, to_weights, adapter, loop, inner_split, outer_split)
-        backward(res.losses.sum() / n)
+        backward(res.losses.sum() / div)
         loss_sum = loss_sum + res.losses.detach().sum()
         acc_sum = acc_sum + (res.correct / res.total.clamp(min=1)).sum()
         shift_sum = shift_sum + (res.adapted.detach() - start.detach()).norm(dim=-1).sum()

@@ -61,6 +61,8 @@ def vae_loss(
     L_rec = Σ_d mean_b (recon − w)²_{b,d} / √D;
     L_KL = β · mean_b [−½ Σ_j (1 + log σ² − μ² − σ²)_{b,j}] / √D.
     """
+    # float32 under mixed precision: sums over D = 394,240 weights lose the loss in bf16
+    recon, target, mu, logvar = (t.float() for t in (recon, target, mu, logvar))
     scale = math.sqrt(target.shape[-1])
     rec = (recon - target).pow(2).mean(0).sum() / scale
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean() * beta / scale

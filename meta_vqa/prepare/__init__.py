@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: data/easy_vqa, data/synthetic)")
     p.add_argument("--seed", type=int, default=2021, help="seed of the support/query and task splits")
     p.add_argument("--clip-epochs", type=int, default=None, help="epochs of the small CLIP's image tower")
+    p.add_argument(
+        "--clip-devices",
+        type=int,
+        default=1,
+        help="easy-vqa: train the CLIP with DDP on this many devices (the batch is split over them)",
+    )
+    p.add_argument(
+        "--clip-precision",
+        default="32-true",
+        choices=("32-true", "bf16-mixed", "16-mixed"),
+        help="easy-vqa: the CLIP's training precision (16-mixed needs a CUDA GPU)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
     return p
 
@@ -58,6 +70,7 @@ def main(argv: list[str]) -> int:
     from meta_vqa.prepare.easy_vqa import prepare_easy_vqa
 
     kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
+    kwargs |= {"clip_devices": args.clip_devices, "clip_precision": args.clip_precision}
     if args.clip_epochs is not None:
         kwargs["clip_epochs"] = args.clip_epochs
     summary = prepare_easy_vqa(out, **kwargs)

@@ -256,6 +256,8 @@ def prepare_easy_vqa(
     log_dir: str | Path = "lightning_logs",
     progress: bool = True,
     num_threads: int | None = None,
+    clip_devices: int = 1,
+    clip_precision: str = "32-true",
 ) -> dict:
     """Build (or reuse) the Meta-EasyVQA dataset folder ``out``; returns a summary of what it holds.
 
@@ -270,6 +272,8 @@ def prepare_easy_vqa(
         progress: show progress bars.
         num_threads: torch threads for CLIP training and encoding (default: 1 on ≤ 2 cores, see
             :func:`~meta_vqa.stages.clip.torch_threads`).
+        clip_devices, clip_precision: how CLIP trains (DDP over that many devices, Lightning's precision);
+            not options of the dataset: a CLIP trained one way is reused the other.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -311,7 +315,8 @@ def prepare_easy_vqa(
     train_kw = {"epochs": clip_epochs, "batch_size": clip_batch_size, "lr": clip_lr, "seed": seed}
     clip, clip_reused = load_or_train_clip(
         staging, clip_config, captions, sets["train"], sets["test"], options=clip_options, force=force,
-        log_dir=log_dir, progress=progress, num_threads=num_threads, **train_kw,
+        log_dir=log_dir, progress=progress, num_threads=num_threads, devices=clip_devices,
+        precision=clip_precision, **train_kw,
     )  # fmt: skip
     times["clip"] = time.perf_counter() - t
 

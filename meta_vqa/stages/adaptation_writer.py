@@ -10,7 +10,11 @@ Resuming: a rerun with the same settings skips the jobs already written (the Dat
 before the first batch), so an interrupted run continues at the last finished epoch and no epoch is ever
 written twice (the authors' script appended to an existing file, duplicating epochs on a rerun). A rerun
 with other settings (recipe, tasks, latent size, or another checkpoint) is refused unless
-``overwrite: true``. Single process only.
+``overwrite: true``.
+
+Under DDP every job belongs to one rank (the DataModule hands each rank whole jobs), which adapts it and
+writes its part file; rank 0 alone removes, merges and writes the shared files, after a barrier. Every
+rank runs the same checks on the same files, so a refusal stops all of them alike.
 """
 
 from __future__ import annotations
@@ -68,8 +72,6 @@ class AdaptationWriter(BasePredictionWriter):
         dm = trainer.datamodule
         if getattr(dm, "predict_split", None) != "adaptation":
             raise ConfigError("data.predict_split: must be 'adaptation' when AdaptationWriter is a callback")
-        if trainer.world_size > 1:
-            raise ConfigError("trainer.devices: the adaptation dataset is written by a single process")
         if getattr(pl_module, "kind", None) != "hnet":
             raise ConfigError(
                 f"model: the adaptation dataset holds HNet-MAML latents; {type(pl_module).__name__} "
@@ -79,10 +81,12 @@ class AdaptationWriter(BasePredictionWriter):
         self.ids = {s: dm.adaptation_task_ids(s) for s in SUPPORT_SETS}
         self.config = self._config(dm, pl_module)
         self._buffers: dict[str, dict[int, tuple]] = {}
-        if self.overwrite:
+        zero, strategy = trainer.is_global_zero, trainer.strategy
+        if self.overwrite and zero:
             for name in (DATA_FILE, SIDECAR):
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(parts_dir(self.out), ignore_errors=True)
+        strategy.barrier("adaptation_writer_overwrite")
         existing = read_run(self.out)
         if existing is not None:
             self._check_same(existing)
@@ -97,15 +101,19 @@ class AdaptationWriter(BasePredictionWriter):
                 made_by.get("checkpoint"),
             )
             return
-        for job in self.jobs:  # empty task sets (e.g. no validation tasks) have no batches
-            if not job.items and job.name not in finished_jobs(self.out):
-                self._write(job, {}, pl_module)
-        done = finished_jobs(self.out) & names
+        if zero:
+            for job in self.jobs:  # empty task sets (e.g. no validation tasks) have no batches
+                if not job.items and job.name not in finished_jobs(self.out):
+                    self._write(job, {}, pl_module)
+        # one list for every rank: the jobs left decide which rank adapts what
+        done = strategy.broadcast(finished_jobs(self.out) & names, src=0)
         dm.skip_adaptation_jobs(done)
         if done:
             log.info("resuming %s: %d of %d jobs already written", self.out, len(done), len(names))
         if done == names and existing is not None:  # every part written, but not merged yet
-            consolidate(self.out, self.jobs, existing)
+            if zero:
+                consolidate(self.out, self.jobs, existing)
+            strategy.barrier("adaptation_writer_merged")
             self.complete = True
 
     def _config(self, dm, pl_module: L.LightningModule) -> dict:
@@ -150,7 +158,9 @@ class AdaptationWriter(BasePredictionWriter):
                 f"(sha256 {sha[:12]}…); use another output folder or overwrite: true"
             )
         self.config["upstream"] = {"checkpoint": str(ckpt), "sha256": sha}
-        write_run(self.out, self.config)
+        if trainer.is_global_zero:
+            write_run(self.out, self.config)
+        trainer.strategy.barrier("adaptation_writer_run")  # recorded before any rank writes a part
 
     # --- per batch: collect, write each finished job ---------------------------------------------
     def write_on_batch_end(
@@ -183,11 +193,14 @@ class AdaptationWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.complete:
             return
+        trainer.strategy.barrier("adaptation_writer_parts")  # every rank's parts are written
         missing = {j.name for j in self.jobs} - finished_jobs(self.out)
         if missing:
             log.warning(
                 "%s: %d jobs not written (%s…); rerun to resume", self.out, len(missing), sorted(missing)[0]
             )
             return
-        consolidate(self.out, self.jobs, self.config)
+        if trainer.is_global_zero:
+            consolidate(self.out, self.jobs, self.config)
+        trainer.strategy.barrier("adaptation_writer_merged")
         self.complete = True

@@ -25,6 +25,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from meta_vqa.data.encode import images_to_input
+from meta_vqa.device import check_trainer_precision
+from meta_vqa.errors import ConfigError
 from meta_vqa.nets.clip import (
     CLIP_DIR,
     LOGIT_SCALE_MAX,
@@ -120,15 +122,22 @@ class ClipStage(L.LightningModule):
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         images = random_shift(images, self.hparams.max_shift)
         logits = self.logits(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits.float(), labels)  # float32 under mixed precision
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == labels).float().mean())
         self.log("train/logit_scale", self.clip.logit_scale.exp())
         return loss
 
+    def on_train_start(self) -> None:
+        # under DDP every rank was seeded alike: give each its own augmentation stream (one process keeps
+        # the seeded one)
+        if self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            torch.manual_seed(seed * 1_000_003 + self.global_rank)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self.logits(images)
+        logits = self.logits(images).float()
         self.log("val/loss", F.cross_entropy(logits, labels))
         self.log("val/retrieval_accuracy", (logits.argmax(-1) == labels).float().mean(), prog_bar=True)
 
@@ -203,19 +212,31 @@ def train_clip(
     log_dir: str | Path = "lightning_logs",
     progress: bool = True,
     num_threads: int | None = None,
+    devices: int = 1,
+    precision: str = "32-true",
 ) -> tuple[ClipStage, dict]:
     """Train the image tower; returns the stage (eval mode) and its train/held-out retrieval accuracy.
 
     ``num_threads``: torch intra-op threads while training (see :func:`torch_threads`).
+    ``devices`` > 1: DDP in spawned processes (``ddp_spawn``: the rest of ``prepare`` stays in this one),
+    ``batch_size`` is the global batch (``batch_size / devices`` per process). ``precision``: Lightning's
+    (``bf16-mixed``; ``16-mixed`` needs CUDA).
     """
+    check_trainer_precision(precision, "auto", "--clip-precision")
+    if devices > 1 and batch_size % devices:
+        raise ConfigError(f"--clip-devices: a batch of {batch_size} does not split over {devices} processes")
     L.seed_everything(seed, verbose=False)
     stage = ClipStage(config, captions, lr=lr)
-    train = DataLoader(TensorDataset(train_images, train_labels), batch_size, shuffle=True, drop_last=True)
+    per_rank = batch_size // max(devices, 1)
+    train = DataLoader(TensorDataset(train_images, train_labels), per_rank, shuffle=True, drop_last=True)
     val = DataLoader(TensorDataset(val_images, val_labels), batch_size=500) if len(val_images) else None
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
-        devices=1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        precision=precision,
+        default_root_dir=str(log_dir),  # ddp_spawn hands the weights back through a file here
         logger=TensorBoardLogger(str(log_dir), name="clip"),
         enable_checkpointing=False,
         enable_progress_bar=progress,

@@ -14,6 +14,7 @@ import torch
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_markdown, write_results
 from meta_vqa.io import write_json
+from meta_vqa.stages.distributed import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def finish_test(
     results as ``diagnostics.json`` with the method, split and seed, for the report.
     """
     trainer = module.trainer
-    gather = module.all_gather if trainer.world_size > 1 else None
+    # ranks hold different numbers of rows (batches differ in size): a gather that allows that
+    gather = (lambda rows: gather_rows(module, rows)) if trainer.world_size > 1 else None
     records = collector.records(split_name(module), global_seed(), gather)
     collector.reset()
     for r in records:

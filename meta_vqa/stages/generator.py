@@ -28,8 +28,10 @@ from meta_vqa.eval.protocol import adapt_on_support, query_accuracy
 from meta_vqa.meta.maml import InnerLoop
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.distributed import GlobalBatch
 
-TrainingLatents = Callable[[LatentBatch], Tensor]  # a batch of adaptation latents -> generator latents
+# (a batch of adaptation latents, its place in the global batch) -> generator latents
+TrainingLatents = Callable[[LatentBatch, GlobalBatch], Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class LatentGenerator:
 
     def training_latents(self, latents: Tensor) -> TrainingLatents:
         """A sampler of training latents in this space for batches of the adaptation dataset whose
-        latents are ``latents`` ``[E, T, d_hnet]`` (precomputes what it can, once)."""
+        latents are ``latents`` ``[E, T, d_hnet]`` (precomputes what it can, once); random draws are made
+        for the whole global batch (:meth:`GlobalBatch.draw`)."""
         raise NotImplementedError
 
     def adaptation_source(self, record: dict) -> AdaptationSource:

@@ -25,6 +25,7 @@ from meta_vqa.eval.methods import Control, guided_method
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.stages.common import finish_test, global_seed
+from meta_vqa.stages.distributed import GlobalBatch, gather_rows, sync_random_state
 from meta_vqa.stages.generator import LatentGenerator
 from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
@@ -44,19 +45,6 @@ def control_questions(batch: TaskBatch, control: Control) -> Tensor:
     if control == "empty":
         return torch.zeros_like(batch.question)
     raise ValueError(f"unknown control {control!r}")
-
-
-def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
-    """Concatenate every rank's ``[n_rank, c]`` rows (any n per rank) on every rank."""
-    trainer = module.trainer
-    if trainer is None or trainer.world_size == 1:
-        return rows
-    n = torch.tensor(rows.shape[0], device=module.device)
-    counts = module.all_gather(n).reshape(-1)
-    padded = rows.new_zeros(int(counts.max()), rows.shape[1])
-    padded[: rows.shape[0]] = rows
-    every = module.all_gather(padded.to(module.device)).reshape(len(counts), -1, rows.shape[1]).cpu()
-    return torch.cat([every[i, : int(c)] for i, c in enumerate(counts)])
 
 
 class GuidanceStage(L.LightningModule):
@@ -110,11 +98,15 @@ class GuidanceStage(L.LightningModule):
     def fit_statistics(self, data) -> None:
         """Statistics of the training latents a subclass keeps in its checkpoint (none by default)."""
 
-    def training_latents(self, batch: LatentBatch) -> Tensor:
-        """The batch's adaptation latents in the generator's latent space."""
+    def training_latents(self, batch: LatentBatch, rows: GlobalBatch | None = None) -> Tensor:
+        """The batch's adaptation latents in the generator's latent space (``rows``: the batch's place in
+        the global batch, for random draws; default: all of it)."""
         if self.sample_training_latents is None:  # training without a Trainer (tests)
             return self.generator.from_adaptation(batch.latent)
-        return self.sample_training_latents(batch)
+        return self.sample_training_latents(batch, rows or GlobalBatch((len(batch),)))
+
+    def on_train_epoch_start(self) -> None:
+        sync_random_state(self)  # the ranks draw the global batch's noise alike
 
     # --- test bookkeeping ----------------------------------------------------------------------------
     def record(

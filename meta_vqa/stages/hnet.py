@@ -123,7 +123,7 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         return hnet_latents  # the adaptation dataset holds this generator's own latents
 
     def training_latents(self, latents: Tensor) -> TrainingLatents:
-        return lambda batch: batch.latent
+        return lambda batch, rows: batch.latent
 
     def adaptation_source(self, record: dict) -> AdaptationSource:
         return AdaptationSource(self.latent_dim, record.get("sha256"), record.get("path"))

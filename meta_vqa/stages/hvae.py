@@ -35,6 +35,7 @@ from meta_vqa.meta.maml import InnerLoop
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.vae import WeightVAE, vae_loss
 from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
+from meta_vqa.stages.distributed import GlobalBatch, global_batch, sync_random_state
 from meta_vqa.stages.generator import AdaptationSource, LatentGenerator, TrainingLatents
 from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
@@ -144,11 +145,12 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         mu = torch.cat([m for m, _ in parts])
         logvar = torch.cat([lv for _, lv in parts])
 
-        def sample(batch: LatentBatch) -> Tensor:
+        def sample(batch: LatentBatch, rows: GlobalBatch) -> Tensor:
             if batch.index is None:
                 return self.from_adaptation(batch.latent)
             idx = batch.index.to(mu.device)
-            return self.vae.sample(mu[idx], logvar[idx])
+            eps = rows.draw(lambda n: torch.randn(n, mu.shape[1], device=mu.device, dtype=mu.dtype))
+            return self.vae.sample(mu[idx], logvar[idx], eps)
 
         return sample
 
@@ -201,10 +203,16 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         if stage == "fit" and dm is not None:
             check_adaptation(dm.adaptation_data, self.adaptation_source(self.hparams.upstream))
 
+    def on_train_epoch_start(self) -> None:
+        sync_random_state(self)  # the ranks draw the global batch's noise alike
+
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
+        rows = global_batch(self, len(batch))
         with torch.no_grad():
             w = self.to_vae(self.hnet.weights(batch.latent))
-        recon, mu, logvar = self.vae(w)
+        # the reparameterisation noise of the whole global batch, this rank's rows (stages.distributed)
+        eps = rows.draw(lambda n: torch.randn(n, self.vae.latent_dim, device=w.device))
+        recon, mu, logvar = self.vae(w, eps)
         loss, rec, kl = vae_loss(recon, w, mu, logvar, self.hparams.beta)
         B = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -212,7 +220,7 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         self.log("train/kl", kl, batch_size=B)
         self.log("train/mu_norm", mu.detach().norm(dim=-1).mean(), batch_size=B)
         self.log("train/std", logvar.detach().mul(0.5).exp().mean(), batch_size=B)
-        return loss
+        return loss * rows.weight  # DDP's average over ranks is then the global batch's mean
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.vae.parameters())

@@ -27,6 +27,7 @@ from meta_vqa.diffusion.guidance import optimize_latents
 from meta_vqa.eval.methods import Control
 from meta_vqa.nets.weight_encoder import WeightEncoder, contrastive_loss
 from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.distributed import global_batch, reduce_sum
 from meta_vqa.stages.guidance import GuidanceStage, control_questions
 
 
@@ -106,17 +107,19 @@ class HyperCLIPStage(GuidanceStage):
 
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
+        rows = global_batch(self, len(batch))
         with torch.no_grad():
-            w = self.generator.weights(self.training_latents(batch))
+            w = self.generator.weights(self.training_latents(batch, rows))
         u = self.encoder(w)
         v = F.normalize(batch.question, dim=-1)
-        loss = contrastive_loss(u, v, self.encoder.scale)
+        # every rank scores its rows against the rows of all ranks (the one-process batch)
+        loss = contrastive_loss(u, v, self.encoder.scale, sizes=rows.sizes)
         with torch.no_grad():
             acc = ((u @ v.T).argmax(1) == torch.arange(len(u), device=u.device)).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/batch_retrieval_acc", 100 * acc, batch_size=len(batch))
         self.log("train/scale", self.encoder.scale, batch_size=len(batch))
-        return loss
+        return loss * rows.weight  # DDP's average over ranks is then the global batch's mean
 
     def configure_optimizers(self):
         return self.optimizer_factory([p for p in self.encoder.parameters() if p.requires_grad])
@@ -171,12 +174,12 @@ class HyperCLIPStage(GuidanceStage):
         self.retrieval["n"] += len(hits)
 
     def test_epoch_summary(self) -> dict | None:
-        hits, n = self.retrieval["hits"], self.retrieval["n"]
+        hits, n = reduce_sum(self, self.retrieval["hits"]), reduce_sum(self, self.retrieval["n"])
         self.retrieval = {"hits": 0.0, "n": 0}
         if not n:
             return None
         acc = 100 * hits / n
-        self.log("test/retrieval_acc", acc)
+        self.log("test/retrieval_acc", acc, rank_zero_only=True)
         way = self.hparams.retrieval_way
         return {
             "method": self.method,

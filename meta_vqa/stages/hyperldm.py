@@ -26,12 +26,14 @@ from torchmetrics import MeanMetric
 
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
+from meta_vqa.data.shards import eval_batch_index
 from meta_vqa.diffusion.guidance import guided_eps_fn
 from meta_vqa.diffusion.schedule import Sampler, Schedule, add_noise, alphas_cumprod, sample
 from meta_vqa.errors import ConfigError
 from meta_vqa.eval.methods import Control, guided_method
 from meta_vqa.nets.denoiser import LatentDenoiser
 from meta_vqa.stages.common import grad_enabled
+from meta_vqa.stages.distributed import global_batch
 from meta_vqa.stages.guidance import GuidanceStage, control_questions
 from meta_vqa.stages.handoff import attach_upstream
 from meta_vqa.stages.hyperclip import HyperCLIPStage
@@ -138,15 +140,18 @@ class HyperLDMStage(GuidanceStage):
 
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
-        x0 = self.standardize(self.training_latents(batch))
-        B = x0.shape[0]
-        t = torch.randint(0, self.hparams.timesteps, (B,), device=x0.device)
-        noise = torch.randn_like(x0)
-        keep = torch.rand(B, 1, device=x0.device) >= self.hparams.p_uncond
+        rows = global_batch(self, len(batch))
+        x0 = self.standardize(self.training_latents(batch, rows))
+        B, dev = x0.shape[0], x0.device
+        # t, ε and the null-condition draw of the whole global batch, this rank's rows (stages.distributed)
+        t = rows.draw(lambda n: torch.randint(0, self.hparams.timesteps, (n,), device=dev))
+        noise = rows.draw(lambda n: torch.randn(n, *x0.shape[1:], device=dev, dtype=x0.dtype))
+        keep = rows.draw(lambda n: torch.rand(n, 1, device=dev)) >= self.hparams.p_uncond
         cond = batch.question * keep
-        loss = F.mse_loss(self.denoiser(add_noise(x0, noise, t, self.alpha_bar), t, cond), noise)
+        eps = self.denoiser(add_noise(x0, noise, t, self.alpha_bar), t, cond)
+        loss = F.mse_loss(eps.float(), noise.float())  # float32 under mixed precision
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        return loss
+        return loss * rows.weight  # DDP's average over ranks is then the global batch's mean
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.denoiser.parameters())
@@ -190,8 +195,10 @@ class HyperLDMStage(GuidanceStage):
         return self.unstandardize(x)
 
     def _seed(self, batch_idx: int) -> int:
-        # the same noise for every γ and control of a batch (paired comparisons); distinct per rank
-        return self.hparams.eval_seed * 1_000_003 + self.global_rank * 10_007 + batch_idx
+        # the same noise for every γ and control of a batch (paired comparisons); per batch of one process,
+        # so that DDP ranks (which evaluate one process's batches) sample what one process samples
+        index = eval_batch_index(batch_idx, self.global_rank, self.trainer.world_size)
+        return self.hparams.eval_seed * 1_000_003 + index
 
     # --- evaluation ----------------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:

@@ -8,9 +8,11 @@ per-task parameters they start from (``init_params``) and in how parameters beco
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from meta_vqa.data.batch import TaskBatch
@@ -18,7 +20,8 @@ from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.meta.maml import InnerLoop, MetaStepStats, Split, meta_gradient
 from meta_vqa.nets.adapter import ResidualAdapter
-from meta_vqa.stages.common import finish_test, grad_enabled
+from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
+from meta_vqa.stages.distributed import global_batch
 
 
 class MetaLearningStage(L.LightningModule):
@@ -52,7 +55,10 @@ class MetaLearningStage(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def meta_gradient(
-        self, chunks: Iterable[TaskBatch], backward: Callable[[Tensor], None] = Tensor.backward
+        self,
+        chunks: Iterable[TaskBatch],
+        backward: Callable[[Tensor], None] = Tensor.backward,
+        divisor: float | None = None,
     ) -> MetaStepStats:
         """Accumulate the meta-gradient of a meta-batch given as chunks of tasks (see
         :func:`meta_vqa.meta.maml.meta_gradient`); ``backward`` runs each chunk's backward pass."""
@@ -65,21 +71,61 @@ class MetaLearningStage(L.LightningModule):
             self.hparams.inner_split,
             self.outer_split,
             backward,
+            divisor,
         )
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         hp = self.hparams
         opt = self.optimizers()
         opt.zero_grad()
-        batch = batch.subsample(hp.max_train_examples, hp.max_train_examples)
-        stats = self.meta_gradient(batch.chunks(hp.chunk_size), self.manual_backward)
-        if hp.grad_clip:  # before the step (the authors clipped after it, so it never acted)
-            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        rows = global_batch(self, len(batch))  # this rank's share of the meta-batch (stages.distributed)
+        if len(batch) == 0:  # a last meta-batch smaller than the ranks: no task here, a zero gradient
+            self.manual_backward(sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad))
+            opt.step()
+            return None
+        batch = batch.subsample(hp.max_train_examples, hp.max_train_examples, self._subsample_generator())
+        chunks = batch.chunks(hp.chunk_size)
+        # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
+        # makes that average the mean over the whole meta-batch
+        stats = self.meta_gradient(chunks, self._chunk_backward(len(chunks)), rows.divisor)
+        opt.step()  # gradients are clipped in on_before_optimizer_step
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
         self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
         self.log_train_extras(stats)
         return stats.loss
+
+    def _chunk_backward(self, n_chunks: int) -> Callable[[Tensor], None]:
+        """``manual_backward`` per chunk; under DDP the gradients are all-reduced in the last chunk's pass
+        only. Ranks may cut their shares into different numbers of chunks, and every rank must take part
+        in the same number of all-reduces; the earlier chunks' gradients accumulate locally (``no_sync``)."""
+        strategy = self.trainer.strategy
+        calls = iter(range(n_chunks))
+
+        def backward(loss: Tensor) -> None:
+            last = next(calls) == n_chunks - 1
+            block = hasattr(strategy, "block_backward_sync") and not last
+            with strategy.block_backward_sync() if block else contextlib.nullcontext():
+                self.manual_backward(loss)
+
+        return backward
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # inside opt.step(), after a 16-mixed gradient scaler has unscaled the gradients (clipping the
+        # scaled ones would clip nothing); before the step (the authors clipped after it, so it never acted)
+        if self.hparams.grad_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
+
+    def _subsample_generator(self) -> torch.Generator | None:
+        """Under DDP each rank draws its example subsets from its own stream, seeded by (seed, step, rank);
+        one process keeps the global RNG. (Subsets are drawn per rank, so DDP equals one process in
+        distribution here, not draw for draw.)"""
+        trainer = self._trainer
+        if not self.hparams.max_train_examples or trainer is None or trainer.world_size == 1:
+            return None
+        seed = (global_seed() * 1_000_003 + self.global_step) * 10_007 + self.global_rank
+        return torch.Generator().manual_seed(seed)
 
     def log_train_extras(self, stats: MetaStepStats) -> None:
         """Stage-specific training curves (nothing by default)."""

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""The smoke pipeline with extra trainer arguments on every stage (DDP, a precision), against a reference run.
+
+    python scripts/smoke_variant.py --out runs/smoke_ddp --data data/synthetic --reference runs/smoke \\
+        --args "--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu"
+
+Writes ``OUT/pipeline.yaml`` (``conf/smoke/pipeline.yaml`` with ``--args`` added to every stage kind,
+``launcher: process`` so that each stage is its own command, as DDP wants), runs it, and prints the
+meta-test zero-shot accuracies of both runs (one JSON line per method, then a summary line with the wall
+time and the largest difference). Exit status 1 when a difference exceeds ``--tolerance`` points.
+``--run-reference`` first runs the plain smoke pipeline into ``--reference``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "conf" / "smoke" / "pipeline.yaml"
+KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
+
+
+def run_pipeline(config: Path, out: Path, data: str) -> float:
+    t0 = time.time()
+    cmd = [
+        sys.executable,
+        "-m",
+        "meta_vqa",
+        "pipeline",
+        "-c",
+        str(config),
+        "--out",
+        str(out),
+        f"data.root={data}",
+    ]
+    subprocess.run([*cmd, "launcher=process"], check=True, stdout=sys.stderr)  # stdout: the JSON lines
+    return time.time() - t0
+
+
+def zero_shot(run: Path) -> dict[str, float]:
+    """``method[ γ=..][ s=...][ (control)]`` → task-averaged zero-shot accuracy (%) of a run's results."""
+    from meta_vqa.eval.results import _row_name, load_results
+
+    rows = {}
+    for r in load_results([run], exclude=run / "report"):
+        if r["shots"] == 0:
+            rows[_row_name(r["method"], r.get("gamma"), r.get("control"), r.get("classifier_scale"))] = r[
+                "accuracy"
+            ]
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder of the variant")
+    p.add_argument("--args", required=True, help="trainer arguments added to every stage (one string)")
+    p.add_argument("--data", default="data/synthetic", help="the synthetic dataset (built if missing)")
+    p.add_argument("--reference", default=None, help="a run of the plain smoke pipeline to compare with")
+    p.add_argument("--run-reference", action="store_true", help="run the reference first")
+    p.add_argument("--tolerance", type=float, default=2.0, help="largest accepted difference (points)")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.load(SMOKE)
+    cfg.configs = str(SMOKE.parent)
+    extra = shlex.split(a.args)
+    args = OmegaConf.to_container(cfg.get("args") or {})
+    cfg.args = {k: [*args.get(k, []), *extra] for k in KINDS}
+    cfg.launcher = "process"
+    config = out / "pipeline.yaml"
+    OmegaConf.save(cfg, config)
+    if a.reference and a.run_reference:
+        print(json.dumps({"figure": "smoke_pipeline", "variant": "reference",
+                          "wall_s": round(run_pipeline(SMOKE, Path(a.reference), a.data), 1)}))  # fmt: skip
+    wall = run_pipeline(config, out, a.data)
+    summary = {"figure": "smoke_pipeline", "variant": a.args, "wall_s": round(wall, 1)}
+    if not a.reference:
+        print(json.dumps(summary))
+        return 0
+    ref, var = zero_shot(Path(a.reference)), zero_shot(out)
+    worst = 0.0
+    for name in sorted(ref):
+        d = var[name] - ref[name] if name in var else None
+        worst = max(worst, abs(d)) if d is not None else float("inf")
+        print(json.dumps({"figure": "zero_shot_accuracy", "method": name, "reference": round(ref[name], 2),
+                          "variant": round(var.get(name, float("nan")), 2),
+                          "delta": None if d is None else round(d, 2)}))  # fmt: skip
+    summary |= {"rows": len(ref), "max_abs_delta": worst, "tolerance": a.tolerance}
+    print(json.dumps(summary))
+    return 0 if worst <= a.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
