@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from meta_vqa.meta.maml import plan_chunks
+from meta_vqa.meta.maml import Examples, Rows, Split, plan_chunks
 
 
 def _pad(rows: list[list[int]], value: int = -1) -> Tensor:
@@ -41,6 +41,15 @@ def _subsample(x: Tensor, y: Tensor, mask: Tensor, n: int | None, generator: tor
     keys = torch.where(mask, keys.to(mask.device), torch.full_like(mask, 2.0, dtype=keys.dtype))
     chosen, idx = keys.topk(n, dim=1, largest=False)
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), y.gather(1, idx), chosen < 1.5
+
+
+def pack(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's masked-in examples moved to the front (in their order), padding beyond the largest
+    count dropped: a k-shot support set then costs k·K examples per step, not the whole padded support."""
+    width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x, y.gather(1, order), mask.gather(1, order)
 
 
 @dataclass
@@ -178,6 +187,30 @@ class TaskBatch:
                 torch.cat([self.support_mask, self.query_mask], 1),
             )
         raise ValueError(f"unknown split {which!r}; expected 'support', 'query' or 'all'")
+
+    def sizes(self, which: Split) -> Tensor:
+        """Examples per task ``[B]`` in the split ``which``."""
+        if which == "all":
+            return self.support_mask.sum(1) + self.query_mask.sum(1)
+        return self.split(which)[2].sum(1)
+
+    def examples(self, which: Split, rows: Rows) -> Examples:
+        """The split ``which`` of the tasks ``rows``, each task's examples at the front, trimmed to the
+        largest task (views where the mask already is front-packed and ``rows`` is a slice; otherwise
+        a gather of the masked-in examples). ``"all"``: support and query examples together."""
+        k = _extent(self.answer_mask[rows])
+        answers, answer_mask = self.answers[rows][:, :k], self.answer_mask[rows][:, :k]
+        if which == "all":
+            parts = [self.split(s) for s in ("support", "query")]
+            x, y, mask = (torch.cat([a[rows], b[rows]], 1) for a, b in zip(*parts))
+        else:
+            x, y, mask = (t[rows] for t in self.split(which))
+        counts = mask.sum(1, keepdim=True)
+        n = max(int(counts.max()), 1) if counts.numel() else 1
+        front = torch.arange(mask.shape[1], device=mask.device) < counts
+        if torch.equal(front, mask):
+            return Examples(answers, answer_mask, x[:, :n], y[:, :n], mask[:, :n])
+        return Examples(answers, answer_mask, *pack(x, y, mask))
 
     def clone(self) -> TaskBatch:
         """A copy whose tensors are ordinary (not inference-mode) tensors, so they can enter autograd."""

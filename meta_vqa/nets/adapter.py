@@ -37,6 +37,13 @@ class ResidualAdapter(nn.Module):
         self.param_shapes = [(hidden, dim), (dim, hidden), (hidden,), (dim,)]
         self.num_params = 2 * dim * hidden + hidden + dim
 
+    def example_bytes(self, answers: int, dtype: torch.dtype = torch.float32) -> int:
+        """Working memory of one example in a forward and backward pass (for planning batches): the
+        hidden layer before and after the ReLU, the output, its residual sum and normalisation, the
+        logits and their loss terms, and as much again for their gradients."""
+        floats = 2 * (2 * self.hidden + 4 * self.dim + 2 * answers)
+        return floats * torch.finfo(dtype).bits // 8
+
     def split(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views ``(W1 [.., h, d], W2 [.., d, h], b1 [.., h], b2 [.., d])`` of flat weights ``[.., D]``."""
         if w.shape[-1] != self.num_params:

@@ -8,7 +8,8 @@ per-task parameters they start from (``init_params``) and in how parameters beco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Sequence
 
 import lightning as L
 from torch import Tensor
@@ -16,23 +17,38 @@ from torch import Tensor
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
-from meta_vqa.meta.maml import InnerLoop, MetaStepStats, Split, meta_gradient
+from meta_vqa.meta.maml import Budget, InnerLoop, MetaStepStats, Split, meta_gradient
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.stages.common import finish_test, grad_enabled
+
+
+def work_budget(max_chunk_mib: float | None, chunk_size: int | None) -> Budget:
+    """The memory budget of the batched passes from a stage's settings; ``chunk_size`` (deprecated) still
+    caps the tasks of one adapter bucket."""
+    if chunk_size is not None:
+        warnings.warn(
+            "chunk_size is deprecated: the shared layers now take every task of a batch at once, up to "
+            "the memory budget max_chunk_mib; chunk_size only caps the tasks per adapter bucket. "
+            "Set max_chunk_mib (and chunk_size: null) instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return Budget(max_chunk_mib, max_tasks=chunk_size)
 
 
 class MetaLearningStage(L.LightningModule):
     """A stage meta-trained with batched MAML (zero inner steps: multitask training).
 
     Subclasses set ``adapter``, ``train_loop``, ``protocol``, ``outer_split``, ``method`` and ``title``, and
-    hold the hyper-parameters ``inner_split``, ``chunk_size``, ``max_train_examples``, ``grad_clip`` and
-    ``results_dir``; they implement :meth:`init_params` (and :meth:`to_weights` where the parameters are
-    not weights).
+    hold the hyper-parameters ``inner_split``, ``max_train_examples``, ``grad_clip`` and ``results_dir``
+    and the memory budget ``budget`` of the batched passes; they implement :meth:`init_params` (and
+    :meth:`to_weights` where the parameters are not weights).
     """
 
     adapter: ResidualAdapter
     train_loop: InnerLoop
     protocol: Protocol
+    budget: Budget
     outer_split: Split
     method: str
     title: str
@@ -52,12 +68,15 @@ class MetaLearningStage(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------
     def meta_gradient(
-        self, chunks: Iterable[TaskBatch], backward: Callable[[Tensor], None] = Tensor.backward
+        self,
+        tasks: TaskBatch | Sequence[TaskBatch],
+        backward: Callable[[Tensor], None] = Tensor.backward,
     ) -> MetaStepStats:
-        """Accumulate the meta-gradient of a meta-batch given as chunks of tasks (see
-        :func:`meta_vqa.meta.maml.meta_gradient`); ``backward`` runs each chunk's backward pass."""
+        """Accumulate the meta-gradient of a meta-batch, planned by the stage's memory budget (see
+        :func:`meta_vqa.meta.maml.meta_gradient`; a list of batches: planned one by one); ``backward``
+        runs each group's backward pass."""
         return meta_gradient(
-            chunks,
+            tasks,
             self.init_params,
             self.to_weights,
             self.adapter,
@@ -65,6 +84,7 @@ class MetaLearningStage(L.LightningModule):
             self.hparams.inner_split,
             self.outer_split,
             backward,
+            self.budget,
         )
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
@@ -72,7 +92,7 @@ class MetaLearningStage(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         batch = batch.subsample(hp.max_train_examples, hp.max_train_examples)
-        stats = self.meta_gradient(batch.chunks(hp.chunk_size), self.manual_backward)
+        stats = self.meta_gradient(batch, self.manual_backward)
         if hp.grad_clip:  # before the step (the authors clipped after it, so it never acted)
             self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
