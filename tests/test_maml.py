@@ -174,7 +174,7 @@ def _batch_of(tasks) -> TaskBatch:
 def _budget_for_groups(adapter, tasks_per_group: int) -> Budget:
     """A budget whose groups hold ``tasks_per_group`` double-precision weight vectors."""
     weight_bytes = adapter.num_params * 8
-    return Budget(max_mib=2 * GROUP_COPIES * weight_bytes * (tasks_per_group + 0.5) / 2**20)
+    return Budget(2 * GROUP_COPIES * weight_bytes * (tasks_per_group + 0.5) / 2**20, bucket_flops=0)
 
 
 @pytest.mark.parametrize("first_order", [True, False])
@@ -185,9 +185,9 @@ def test_planned_meta_gradient_equals_per_task_loop(first_order, plan):
     w0 = (0.5 * torch.randn(adapter.num_params)).double().requires_grad_()
     tasks = [t.double() if t.is_floating_point() else t for t in make_tasks()]
     budget = {
-        "one_group": Budget(None),
+        "one_group": Budget(None),  # toy sizes: the buckets merge into one (below bucket_flops)
         "groups_of_2": _budget_for_groups(adapter, 2),
-        "no_padding": Budget(None, max_padding=1.0),
+        "no_padding": Budget(None, max_padding=1.0, bucket_flops=0),
         "buckets_of_1": Budget(None, max_tasks=1),
     }[plan]
     batch = _batch_of(tasks)
@@ -196,6 +196,8 @@ def test_planned_meta_gradient_equals_per_task_loop(first_order, plan):
         assert [len(g.rows) for g in groups] == [2, 1, 2]  # 5 tasks in 3 groups of equal counts
     if plan == "no_padding":  # support sizes 7, 3, 9, 5, 4 all differ: one bucket each
         assert len(groups) == 1 and len(groups[0].buckets) == 5
+    if plan == "one_group":
+        assert len(groups) == 1 and len(groups[0].buckets) == 1
     loop = InnerLoop(steps=3, lr=0.05, first_order=first_order)
     stats = meta_gradient(
         batch, lambda c: w0.expand(len(c), -1), lambda p: p, adapter, loop, "support", "query", budget=budget
@@ -222,6 +224,9 @@ def test_plan_bounds_group_memory_and_bucket_padding():
     (one,) = plan_work(sizes, Budget(None), weight_bytes, row_bytes)
     last = [sizes[i] for i in one.rows[one.buckets[-1]]]
     assert sorted(last) == [845, 1184]
+    # small buckets merge whatever their padding when their work is below a bucket's fixed cost
+    assert plan_buckets([1, 10, 100], 1.5, min_rows=300) == [[0, 1, 2]]
+    assert plan_buckets([1, 10, 100], 1.5, min_rows=100) == [[0, 1], [2]]
     # the bucket's memory bound: at most 2 tasks of 100 examples fit
     tight = plan_buckets([100] * 5, 1.5, None, max_bytes=2 * (0 + 100 * 10), task_bytes=0, row_bytes=10)
     assert [len(b) for b in tight] == [2, 2, 1]

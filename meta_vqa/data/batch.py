@@ -196,19 +196,23 @@ class TaskBatch:
 
     def examples(self, which: Split, rows: Rows) -> Examples:
         """The split ``which`` of the tasks ``rows``, each task's examples at the front, trimmed to the
-        largest task (views where the mask already is front-packed and ``rows`` is a slice; otherwise
-        a gather of the masked-in examples). ``"all"``: support and query examples together."""
-        k = _extent(self.answer_mask[rows])
-        answers, answer_mask = self.answers[rows][:, :k], self.answer_mask[rows][:, :k]
-        if which == "all":
-            parts = [self.split(s) for s in ("support", "query")]
-            x, y, mask = (torch.cat([a[rows], b[rows]], 1) for a, b in zip(*parts))
-        else:
-            x, y, mask = (t[rows] for t in self.split(which))
+        largest task before anything is gathered (views where ``rows`` is a slice and the mask already is
+        front-packed). ``"all"``: each task's support and query examples together."""
+        answer_mask = self.answer_mask[rows]
+        k = _extent(answer_mask)
+        answers, answer_mask = self.answers[:, :k][rows], answer_mask[:, :k]
+        xs, ys, ms = [], [], []
+        for split in ("support", "query") if which == "all" else (which,):
+            x, y, mask = self.split(split)
+            mask = mask[rows]
+            width = _extent(mask)
+            xs.append(x[:, :width][rows])
+            ys.append(y[:, :width][rows])
+            ms.append(mask[:, :width])
+        x, y, mask = (torch.cat(t, 1) if len(t) > 1 else t[0] for t in (xs, ys, ms))
         counts = mask.sum(1, keepdim=True)
         n = max(int(counts.max()), 1) if counts.numel() else 1
-        front = torch.arange(mask.shape[1], device=mask.device) < counts
-        if torch.equal(front, mask):
+        if torch.equal(torch.arange(mask.shape[1], device=mask.device) < counts, mask):
             return Examples(answers, answer_mask, x[:, :n], y[:, :n], mask[:, :n])
         return Examples(answers, answer_mask, *pack(x, y, mask))
 

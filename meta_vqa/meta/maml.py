@@ -66,11 +66,15 @@ class Budget:
         max_padding: a bucket holds at most this many times its real examples (every task of a bucket is
             padded to its largest).
         max_tasks: at most this many tasks per bucket (the deprecated ``chunk_size``; None: no limit).
+        bucket_flops: the fixed cost of one adapter pass (Python, autograd, kernel launches) in FLOPs of
+            adapter work: a bucket whose padded work stays below it is merged whatever its padding (small
+            adapters, small tasks). About 1 ms of a CPU core.
     """
 
     max_mib: float | None = 1024.0
     max_padding: float = 1.5
     max_tasks: int | None = None
+    bucket_flops: float = 5e7
 
     def _half(self) -> float | None:
         return None if self.max_mib is None else self.max_mib * 2**19  # half the budget, in bytes
@@ -91,14 +95,15 @@ def plan_buckets(
     max_bytes: float | None = None,
     task_bytes: int = 0,
     row_bytes: int = 0,
+    min_rows: float = 0,
 ) -> list[list[int]]:
     """Buckets of tasks of similar size (positions into ``sizes``), in order of size.
 
     A bucket is closed before a task when adding it would make the bucket hold more than ``max_padding``
-    times its real examples (each task is padded to the largest), more than ``max_tasks`` tasks, or more
-    than ``max_bytes`` of working memory (``task_bytes`` per task plus ``row_bytes`` per padded example).
-    Meta-VQA's task sizes are long-tailed (a few tasks have 30x the median): buckets keep the large tasks
-    from padding the rest.
+    times its real examples (each task is padded to the largest) and more than ``min_rows`` padded
+    examples, more than ``max_tasks`` tasks, or more than ``max_bytes`` of working memory (``task_bytes``
+    per task plus ``row_bytes`` per padded example). Meta-VQA's task sizes are long-tailed (a few tasks
+    have 30x the median): buckets keep the large tasks from padding the rest.
     """
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])  # stable: ties keep their batch order
     buckets: list[list[int]] = []
@@ -108,7 +113,7 @@ def plan_buckets(
         n, s = (len(b) + 1, max(sizes[i], 1)) if b is not None else (1, 1)
         fits = (
             b is not None
-            and n * s <= max_padding * (real + sizes[i])
+            and (n * s <= max_padding * (real + sizes[i]) or n * s <= min_rows)
             and (not max_tasks or max_tasks <= 0 or n <= max_tasks)
             and (max_bytes is None or n * (task_bytes + s * row_bytes) <= max_bytes)
         )
@@ -139,12 +144,15 @@ class Group:
     buckets: list[slice]
 
 
-def plan_work(sizes: Sequence[int], budget: Budget, weight_bytes: int, row_bytes: int) -> list[Group]:
+def plan_work(
+    sizes: Sequence[int], budget: Budget, weight_bytes: int, row_bytes: int, row_flops: float = math.inf
+) -> list[Group]:
     """Groups of buckets for tasks of ``sizes`` examples (see the module docstring).
 
     Tasks are taken in order of size and cut into groups of equal counts, as few as the budget allows;
     each group into buckets (:func:`plan_buckets`). ``weight_bytes``: one flat weight vector;
-    ``row_bytes``: the adapter's working memory per example.
+    ``row_bytes``, ``row_flops``: the adapter's working memory and work per example (``inf``: buckets
+    are never merged for their small size).
     """
     n = len(sizes)
     if n == 0:
@@ -163,6 +171,7 @@ def plan_work(sizes: Sequence[int], budget: Budget, weight_bytes: int, row_bytes
             budget.bucket_bytes(),
             BUCKET_COPIES * weight_bytes,
             row_bytes,
+            budget.bucket_flops / row_flops,
         )
         rows, spans = [], []
         for bucket in buckets:
@@ -254,18 +263,35 @@ class BucketedLoss:
     def value_and_grad(self, p: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
         """``(losses [B] detached, d Σ losses / d p [B, P])``."""
         w = self.to_weights(p)
-        losses, grads = [], []
-        for s, ex in self.buckets:
-            wb = w[s] if create_graph else w[s].detach().requires_grad_()
-            loss = example_losses(self.adapter, wb, ex)
-            (g,) = torch.autograd.grad(loss.sum(), wb, create_graph=create_graph)
-            losses.append(loss.detach())
-            grads.append(g)
-        g_w = grads[0] if len(grads) == 1 else torch.cat(grads)
+        if not create_graph and _by_hand(self.adapter):
+            g_w, w_data = torch.empty_like(w, requires_grad=False), w.detach()
+            losses = torch.cat(
+                [
+                    self.adapter.loss_grad(
+                        w_data[s], ex.x, ex.answers, ex.answer_mask, ex.y, ex.mask, out=g_w[s]
+                    )[0]
+                    for s, ex in self.buckets
+                ]
+            )
+        else:
+            parts, grads = [], []
+            for s, ex in self.buckets:
+                wb = w[s] if create_graph else w[s].detach().requires_grad_()
+                loss = example_losses(self.adapter, wb, ex)
+                (g,) = torch.autograd.grad(loss.sum(), wb, create_graph=create_graph)
+                parts.append(loss.detach())
+                grads.append(g)
+            losses, g_w = torch.cat(parts), grads[0] if len(grads) == 1 else torch.cat(grads)
         if w is p:
-            return torch.cat(losses), g_w
+            return losses, g_w
         (g_p,) = torch.autograd.grad(w, p, g_w, create_graph=create_graph)
-        return torch.cat(losses), g_p
+        return losses, g_p
+
+
+def _by_hand(adapter: nn.Module) -> bool:
+    """Whether the adapter's first-order loss and weight gradient can be taken by hand (its
+    ``loss_grad``: the same values, no autograd; not under autocast)."""
+    return hasattr(adapter, "loss_grad") and not torch.is_autocast_enabled()
 
 
 def _loss_and_grad(loss: LossFn | BucketedLoss, p: Tensor, create_graph: bool) -> Tensor:
@@ -395,7 +421,13 @@ def plan_tasks(
     rows = [(p, b) for p, t in enumerate(problems) for b in range(len(t))]
     sizes = [int(n) for t in problems for n in t.sizes(which).tolist()]
     k = max(int(t.answers.shape[1]) for t in problems)
-    groups = plan_work(sizes, budget, _weight_bytes(adapter, dtype), adapter.example_bytes(k, dtype))
+    groups = plan_work(
+        sizes,
+        budget,
+        _weight_bytes(adapter, dtype),
+        adapter.example_bytes(k, dtype),
+        adapter.example_flops(k),
+    )
     ordered = []
     for g in groups:
         by_problem = [r for s in g.buckets for r in sorted(g.rows[s], key=lambda r: rows[r][0])]
@@ -496,7 +528,7 @@ def meta_gradient(
     loop: InnerLoop,
     inner_split: Split,
     outer_split: Split,
-    backward: Callable[[Tensor], None] = Tensor.backward,
+    backward: Callable[[Tensor, Tensor], None] = Tensor.backward,
     budget: Budget | None = None,
 ) -> MetaStepStats:
     """Accumulate the meta-gradient of one meta-batch by calling ``backward`` once per group of tasks.
@@ -512,8 +544,8 @@ def meta_gradient(
     Per group: the inner loop (:func:`adapt` with a :class:`BucketedLoss`: one pass through
     ``to_weights`` per step for the whole group), the adapted weights once more with their graph, the
     outer losses and their gradient with respect to those weights bucket by bucket (:func:`outer_grad`),
-    and one ``backward`` of ``Σ w ⊙ ∂L/∂w``, which carries that gradient through ``to_weights`` to the
-    meta-parameters.
+    and one ``backward(w, ∂L/∂w)`` (``Tensor.backward`` or Lightning's ``manual_backward``), which carries
+    that gradient through ``to_weights`` to the meta-parameters.
     """
     budget = budget or Budget()
     batches = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
@@ -532,7 +564,7 @@ def meta_gradient(
             adapted = adapt(start, inner, loop)
             w = to_weights(adapted)
             out = outer_grad(group, w.detach(), adapter, outer_split, budget, divisor=n)
-            backward((w * out.grad).sum())  # ∂/∂w of this is out.grad: one pass back through to_weights
+            backward(w, out.grad)  # ∂L/∂w carried back through to_weights: one pass for the group
             loss_sum = loss_sum + out.losses.sum()
             acc_sum = acc_sum + (out.correct / out.total.clamp(min=1)).sum()
             shift_sum = shift_sum + (adapted.detach() - start.detach()).norm(dim=-1).sum()
@@ -563,22 +595,33 @@ def outer_grad(
         budget.bucket_bytes(),
         BUCKET_COPIES * wbytes,
         adapter.example_bytes(k, w.dtype),
+        budget.bucket_flops / adapter.example_flops(k),
     )
     b = len(tasks)
     out = OuterResult(
         w.new_zeros(b),
         torch.zeros(b, dtype=torch.long, device=w.device),
         torch.zeros(b, dtype=torch.long, device=w.device),
-        torch.zeros_like(w),
+        torch.empty_like(w),  # every row belongs to one bucket
     )
     for positions in buckets:
         rows = as_rows(sorted(positions), w.device)
         ex = tasks.examples(which, rows)
-        with torch.enable_grad():
-            wb = take(w, rows).detach().requires_grad_()
-            logits = adapter(wb, ex.x, ex.answers, ex.answer_mask)
-            loss = task_losses(logits, ex.y, ex.mask)
-            (g,) = torch.autograd.grad(loss.sum() / divisor, wb)
-        out.correct[rows], out.total[rows] = task_correct(logits.detach(), ex.y, ex.mask)
-        out.losses[rows], out.grad[rows] = loss.detach(), g
+        wb = take(w, rows).detach()
+        if _by_hand(adapter):
+            into = out.grad[rows] if isinstance(rows, slice) else None
+            loss, correct, g = adapter.loss_grad(
+                wb, ex.x, ex.answers, ex.answer_mask, ex.y, ex.mask, divisor, into
+            )
+        else:
+            with torch.enable_grad():
+                wb.requires_grad_()
+                logits = adapter(wb, ex.x, ex.answers, ex.answer_mask)
+                loss = task_losses(logits, ex.y, ex.mask)
+                (g,) = torch.autograd.grad(loss.sum() / divisor, wb)
+            correct, _ = task_correct(logits.detach(), ex.y, ex.mask)
+            loss = loss.detach()
+        if not isinstance(rows, slice):
+            out.grad[rows] = g
+        out.losses[rows], out.correct[rows], out.total[rows] = loss, correct, ex.mask.sum(1)
     return out

@@ -44,6 +44,11 @@ class ResidualAdapter(nn.Module):
         floats = 2 * (2 * self.hidden + 4 * self.dim + 2 * answers)
         return floats * torch.finfo(dtype).bits // 8
 
+    def example_flops(self, answers: int) -> float:
+        """FLOPs of one example in a forward and backward pass: the two products (2·dim·hidden each), the
+        gradients with respect to the hidden layer and both weight matrices, and the answer scores."""
+        return 10.0 * self.dim * self.hidden + 6.0 * self.dim * answers
+
     def split(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views ``(W1 [.., h, d], W2 [.., d, h], b1 [.., h], b2 [.., d])`` of flat weights ``[.., D]``."""
         if w.shape[-1] != self.num_params:
@@ -90,6 +95,63 @@ class ResidualAdapter(nn.Module):
         if answer_mask is not None:
             logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
         return logits
+
+    @torch.no_grad()
+    def loss_grad(
+        self,
+        w: Tensor,
+        x: Tensor,
+        answers: Tensor,
+        answer_mask: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        divisor: float = 1.0,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-task losses, hits and the gradient of ``Σ_b loss_b / divisor`` with respect to ``w``, by hand.
+
+        The same values as :func:`task_losses` and :func:`task_correct` of :meth:`forward` and autograd's
+        gradient (up to float reassociation), without autograd: each weight gradient is one ``bmm``
+        written straight into its place in the flat layout of ``out`` ([b, D], e.g. rows of a group's
+        gradient buffer), and the fan-in scales act on the per-example activations, not on the weights.
+        First order only (no graph); ``w`` [b, D], ``x`` [b, n, d], ``labels``/``mask`` [b, n].
+
+        Returns ``(losses [b], correct [b], out)``.
+        """
+        w1, w2, b1, b2 = self.split(w)
+        a1 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.dim)
+        a2 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.hidden)
+        x = x.to(w.dtype)
+        # forward: hs = a2·relu(a1·x W1ᵀ + b1); y = hs W2ᵀ + b2 + x; logits = s·<y/|y|, t/|t|>
+        pre = torch.bmm(x, w1.transpose(1, 2)).mul_(a1).add_(b1.unsqueeze(1))
+        active = pre > 0
+        hs = pre.clamp_(min=0).mul_(a2)
+        y = torch.bmm(hs, w2.transpose(1, 2)).add_(b2.unsqueeze(1)).add_(x)
+        inv = y.norm(dim=-1, keepdim=True).clamp_(min=1e-12).reciprocal_()  # [b, n, 1]
+        t = F.normalize(answers.to(w.dtype), dim=-1)
+        raw = torch.bmm(y, t.transpose(1, 2)).mul_(inv * self.logit_scale)  # [b, n, K], finite
+        logits = raw.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
+        logp = torch.log_softmax(logits, -1)
+        ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        count = mask.sum(1)
+        losses = torch.where(mask, ce, torch.zeros_like(ce)).sum(1) / count.clamp(min=1)
+        correct = ((logits.argmax(-1) == labels) & mask).sum(1)
+        # backward: dlogits = (softmax − onehot)·mask / (count·divisor)
+        dl = logp.exp_()
+        dl.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
+        per_task = 1.0 / (count.clamp(min=1).to(dl.dtype) * divisor)
+        dl.mul_((mask.to(dl.dtype) * per_task.unsqueeze(1)).unsqueeze(-1))
+        # through the normalisation: dy = s·inv·(dl t) − inv²·(Σ_k dl_k·logit_k)·y
+        r = (dl * raw).sum(-1, keepdim=True).mul_(inv).mul_(inv)
+        dy = torch.bmm(dl.mul_(inv * self.logit_scale), t).sub_(y.mul_(r))
+        out = torch.empty_like(w) if out is None else out
+        g1, g2, gb1, gb2 = self.split(out)
+        torch.sum(dy, 1, out=gb2)
+        torch.bmm(dy.transpose(1, 2), hs, out=g2)  # dW2 = dyᵀ·hs (hs carries a2)
+        dpre = torch.bmm(dy, w2).mul_(a2).mul_(active)
+        torch.sum(dpre, 1, out=gb1)
+        torch.bmm(dpre.mul_(a1).transpose(1, 2), x, out=g1)  # dW1 = a1·dpreᵀ·x
+        return losses, correct, out
 
 
 def _upcast(t: Tensor) -> Tensor:

@@ -70,11 +70,11 @@ class MetaLearningStage(L.LightningModule):
     def meta_gradient(
         self,
         tasks: TaskBatch | Sequence[TaskBatch],
-        backward: Callable[[Tensor], None] = Tensor.backward,
+        backward: Callable[[Tensor, Tensor], None] = Tensor.backward,
     ) -> MetaStepStats:
         """Accumulate the meta-gradient of a meta-batch, planned by the stage's memory budget (see
         :func:`meta_vqa.meta.maml.meta_gradient`; a list of batches: planned one by one); ``backward``
-        runs each group's backward pass."""
+        carries each group's gradient back (``backward(w, ∂L/∂w)``)."""
         return meta_gradient(
             tasks,
             self.init_params,
