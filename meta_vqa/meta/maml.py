@@ -36,8 +36,8 @@ Split = Literal["support", "query", "all"]
 Rows = slice | Tensor  # contiguous rows, or an index tensor
 
 # Working memory of the plan, in copies of one flat weight vector per task (see Budget).
-GROUP_COPIES = 4  # a group's weights, their gradient, the gradient's assembly, the outer product term
-BUCKET_COPIES = 3  # a bucket's weights (gathered), their gradient, bmm temporaries
+GROUP_COPIES = 3  # a group's weights, their gradient, one temporary (e.g. a loss-scaled copy under AMP)
+BUCKET_COPIES = 2  # a bucket's gathered weights and gradient (index rows, the autograd path)
 
 
 @dataclass(frozen=True)

@@ -147,11 +147,20 @@ class ResidualAdapter(nn.Module):
         out = torch.empty_like(w) if out is None else out
         g1, g2, gb1, gb2 = self.split(out)
         torch.sum(dy, 1, out=gb2)
-        torch.bmm(dy.transpose(1, 2), hs, out=g2)  # dW2 = dyᵀ·hs (hs carries a2)
+        _bmm_into(g2, dy.transpose(1, 2), hs)  # dW2 = dyᵀ·hs (hs carries a2)
         dpre = torch.bmm(dy, w2).mul_(a2).mul_(active)
         torch.sum(dpre, 1, out=gb1)
-        torch.bmm(dpre.mul_(a1).transpose(1, 2), x, out=g1)  # dW1 = a1·dpreᵀ·x
+        _bmm_into(g1, dpre.mul_(a1).transpose(1, 2), x)  # dW1 = a1·dpreᵀ·x
         return losses, correct, out
+
+
+def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b`` for ``out`` a (possibly strided) slot of a flat weight layout. A strided ``out=``
+    can send ``bmm`` to a slow kernel (8x for some shapes on CPU), so a strided slot gets a copy."""
+    if out.is_contiguous():
+        torch.bmm(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b))
 
 
 def _upcast(t: Tensor) -> Tensor:
