@@ -121,15 +121,14 @@ class ResidualAdapter(nn.Module):
         w1, w2, b1, b2 = self.split(w)
         a1 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.dim)
         a2 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.hidden)
+        s = self.logit_scale
         x = x.to(w.dtype)
-        # forward: hs = a2·relu(a1·x W1ᵀ + b1); y = hs W2ᵀ + b2 + x; logits = s·<y/|y|, t/|t|>
-        pre = torch.bmm(x, w1.transpose(1, 2)).mul_(a1).add_(b1.unsqueeze(1))
-        active = pre > 0
-        hs = pre.clamp_(min=0).mul_(a2)
-        y = torch.bmm(hs, w2.transpose(1, 2)).add_(b2.unsqueeze(1)).add_(x)
-        inv = y.norm(dim=-1, keepdim=True).clamp_(min=1e-12).reciprocal_()  # [b, n, 1]
+        # forward: h = relu(a1·x W1ᵀ + b1); y = a2·h W2ᵀ + b2 + x; logits = s·<y/|y|, t/|t|>
+        h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2), alpha=a1))
+        y = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2), alpha=a2).add_(x)
+        inv = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_(min=1e-12).reciprocal_()  # [b, n, 1]
         t = F.normalize(answers.to(w.dtype), dim=-1)
-        raw = torch.bmm(y, t.transpose(1, 2)).mul_(inv * self.logit_scale)  # [b, n, K], finite
+        raw = torch.bmm(y, t.transpose(1, 2)).mul_(inv * s)  # [b, n, K], finite
         logits = raw.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
         logp = torch.log_softmax(logits, -1)
         ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -142,25 +141,22 @@ class ResidualAdapter(nn.Module):
         per_task = 1.0 / (count.clamp(min=1).to(dl.dtype) * divisor)
         dl.mul_((mask.to(dl.dtype) * per_task.unsqueeze(1)).unsqueeze(-1))
         # through the normalisation: dy = s·inv·(dl t) − inv²·(Σ_k dl_k·logit_k)·y
-        r = (dl * raw).sum(-1, keepdim=True).mul_(inv).mul_(inv)
-        dy = torch.bmm(dl.mul_(inv * self.logit_scale), t).sub_(y.mul_(r))
+        r = (dl * raw).sum(-1, keepdim=True).mul_(inv.square())
+        dy = torch.baddbmm(y.mul_(r.neg_()), dl.mul_(inv * s), t)
         out = torch.empty_like(w) if out is None else out
         g1, g2, gb1, gb2 = self.split(out)
         torch.sum(dy, 1, out=gb2)
-        _bmm_into(g2, dy.transpose(1, 2), hs)  # dW2 = dyᵀ·hs (hs carries a2)
-        dpre = torch.bmm(dy, w2).mul_(a2).mul_(active)
-        torch.sum(dpre, 1, out=gb1)
-        _bmm_into(g1, dpre.mul_(a1).transpose(1, 2), x)  # dW1 = a1·dpreᵀ·x
+        _scaled_into(g2, torch.bmm(dy.transpose(1, 2), h), a2)  # dW2 = a2·dyᵀ h
+        dh = torch.bmm(dy, w2).mul_(h > 0)  # dL/dpre / a2
+        torch.sum(dh, 1, out=gb1).mul_(a2)
+        _scaled_into(g1, torch.bmm(dh.transpose(1, 2), x), a1 * a2)  # dW1 = a1·a2·dhᵀ x
         return losses, correct, out
 
 
-def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out = a @ b`` for ``out`` a (possibly strided) slot of a flat weight layout. A strided ``out=``
-    can send ``bmm`` to a slow kernel (8x for some shapes on CPU), so a strided slot gets a copy."""
-    if out.is_contiguous():
-        torch.bmm(a, b, out=out)
-    else:
-        out.copy_(torch.bmm(a, b))
+def _scaled_into(out: Tensor, value: Tensor, scale: float) -> None:
+    """``out = scale · value`` for ``out`` a (strided) slot of a flat weight layout: one pass. (A strided
+    ``bmm(out=...)`` can take a slow kernel, 8x for some shapes on CPU.)"""
+    torch.mul(value, scale, out=out)
 
 
 def _upcast(t: Tensor) -> Tensor:
