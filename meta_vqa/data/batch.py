@@ -149,7 +149,10 @@ class TaskBatch:
     ) -> list[tuple[Tensor, TaskBatch]]:
         """``(indices, chunk)`` pairs: at most ``size`` tasks of similar size per chunk, each trimmed to
         its largest task (:func:`meta_vqa.meta.maml.plan_chunks`); ``by`` is the size that pads (support
-        and query examples, or the support set alone when only the support set is used)."""
+        and query examples, or the support set alone when only the support set is used).
+
+        Copies of sub-batches, for work that must see separate batches (``meta_gradient`` on a list, the
+        benches' previous path); the planned steps use :meth:`examples` views instead."""
         n = self.support_mask.sum(1) + (self.query_mask.sum(1) if by == "all" else 0)
         groups = plan_chunks(n.tolist(), size, max_padding)
         if groups == [list(range(len(self)))]:  # one chunk in batch order: no copy needed

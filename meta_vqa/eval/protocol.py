@@ -83,28 +83,17 @@ def fine_tune(
     support: tuple[Tensor, Tensor, Tensor] | None = None,
     budget: Budget | None = None,
 ) -> Tensor:
-    """``init`` [B, P] fine-tuned by ``loop`` on each task's support examples (detached result).
+    """``init`` [B, P] fine-tuned by ``loop`` on each task's support examples (detached result), rows in
+    the batch's task order.
 
     ``support``: ``(x, y, mask)`` to fine-tune on instead of the batch's support split (e.g. a k-shot
     subset); ``to_weights`` maps parameters to adapter weights (identity: they are weights). The tasks
-    are planned by ``budget`` (:func:`meta_vqa.meta.maml.adapt_tasks`).
+    are planned by ``budget`` (:func:`meta_vqa.meta.maml.adapt_tasks`): every task of a group through the
+    shared layers at once, the adapter per bucket of tasks of similar support size.
     """
     if support is not None:
         batch = with_support(batch, *support)
     return adapt_tasks([batch], [init], adapter, loop, to_weights, "support", budget)[0]
-
-
-def adapt_on_support(
-    adapter: ResidualAdapter,
-    batch: TaskBatch,
-    init: Tensor,
-    loop: InnerLoop,
-    to_weights: Weights | None = None,
-    budget: Budget | None = None,
-) -> Tensor:
-    """:func:`fine_tune` on the support split: every task of a group through the shared layers at once,
-    the adapter per bucket of tasks of similar support size; rows come back in the batch's task order."""
-    return fine_tune(adapter, batch, init, loop, to_weights, budget=budget)
 
 
 def with_support(batch: TaskBatch, x: Tensor, y: Tensor, mask: Tensor) -> TaskBatch:

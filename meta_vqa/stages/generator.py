@@ -24,7 +24,7 @@ from meta_vqa.data.adaptation import AdaptationBatch
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.eval.methods import GeneratorKind
-from meta_vqa.eval.protocol import adapt_on_support, query_accuracy
+from meta_vqa.eval.protocol import fine_tune, query_accuracy
 from meta_vqa.meta.maml import Budget, InnerLoop
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.stages.common import grad_enabled
@@ -92,7 +92,7 @@ class LatentGenerator:
     def support_latents(self, batch: TaskBatch, loop: InnerLoop | None = None) -> Tensor:
         """Each task's start latent fine-tuned on its support split (detached), in the batch's order."""
         init = self.init_latents(batch.task)
-        return adapt_on_support(self.adapter, batch, init, loop or self.eval_loop, self.weights, self.budget)
+        return fine_tune(self.adapter, batch, init, loop or self.eval_loop, self.weights, budget=self.budget)
 
     def query_accuracy(self, z: Tensor, batch: TaskBatch) -> Tensor:
         """Per-task query accuracy (%) of the weights of latents ``z``."""
