@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +104,27 @@ def test_film_is_exactly_feature_wise_modulation():
     hid = torch.relu((1 + g1).unsqueeze(1) * pre + be1.unsqueeze(1))
     out = (1 + g2).unsqueeze(1) * (hid @ w2.T / math.sqrt(5) + b2) + be2.unsqueeze(1) + x
     torch.testing.assert_close(a.embed(w, x), F.normalize(out, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_loss_grad_by_hand_equals_autograd(straight_through):
+    """The first-order loss and weight gradient by hand: autograd's values, written into the given rows."""
+    torch.manual_seed(0)
+    ad = ResidualAdapter(12, 6, straight_through=straight_through)
+    b, n, k = 4, 7, 5
+    w = (0.5 * torch.randn(b, ad.num_params)).double()
+    x, answers = torch.randn(b, n, 12).double(), torch.randn(b, k, 12).double()
+    answer_mask = torch.ones(b, k, dtype=torch.bool)
+    answer_mask[0, 3:] = False  # padded answers
+    labels, mask = torch.randint(0, 3, (b, n)), torch.rand(b, n) > 0.3
+    mask[1] = False  # a task without examples: loss and gradient 0
+    wl = w.clone().requires_grad_()
+    losses = task_losses(ad(wl, x, answers, answer_mask), labels, mask)
+    (grad,) = torch.autograd.grad(losses.sum() / 3, wl)
+    correct, _ = task_correct(ad(w, x, answers, answer_mask), labels, mask)
+    buf = torch.full((b + 1, ad.num_params), 7.0, dtype=torch.double)
+    l2, c2, g2 = ad.loss_grad(w, x, answers, answer_mask, labels, mask, divisor=3, out=buf[1:])
+    torch.testing.assert_close(l2, losses.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g2, grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(c2, correct) and g2.data_ptr() == buf[1].data_ptr() and (buf[0] == 7).all()
+    assert (g2[1] == 0).all()

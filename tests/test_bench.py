@@ -41,6 +41,25 @@ def test_bench_prints_the_figure_contract(name, extra, capsys):
             assert r["value"] >= 0 and r["baseline_value"] >= 0 and r["ratio"] is None
             continue
         assert r["value"] > 0 and r["baseline_value"] > 0
+        if r["unit"] == "fraction":  # of this machine's measured bandwidth / matmul peak
+            assert "bandwidth_GBps" in r["config"] and "matmul_GFLOPps" in r["config"]
         if r["ratio"] is not None:
             # throughput: higher is better, so the ratio is ours over the baseline's
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=1e-6)
+
+
+def test_bench_guidance_reports_wall_time_against_the_per_task_loop(capsys):
+    toy = ["--tasks", "4", "--steps", "2", "--dim", "8", "--hidden", "4", "--latent", "4"]
+    toy += ["--hnet-hidden", "8", "--encoder-hidden", "8", "--baseline-rows", "2", "--device", "cpu"]
+    assert main(["bench", "guidance", "--json", *toy]) == 0
+    rows = {r["figure"]: r for r in _rows(capsys)}
+    wall = rows["wall_s"]
+    assert wall["unit"] == "s" and wall["value"] > 0 and wall["baseline_value"] > 0
+    assert wall["ratio"] == pytest.approx(
+        wall["baseline_value"] / wall["value"], rel=1e-6
+    )  # time: lower is better
+    assert wall["config"]["rows"] == 12 and wall["config"]["max_abs_latent_diff"] < 1e-5
+    assert {"guidance_shared_MB_per_task", "guidance_bandwidth_fraction", "guidance_matmul_fraction"} <= set(
+        rows
+    )
+    assert rows["guidance_bandwidth_fraction"]["config"]["bandwidth_GBps"] > 0

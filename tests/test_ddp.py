@@ -122,9 +122,9 @@ def _commands(root: Path, hnet: Path, out: Path) -> list[list[str]]:
         # 9 tasks in batches of 4: the third holds 1 task, and rank 1 an empty share (a zero gradient)
         ["fit", "-c", str(SMOKE / "base.yaml"), *quiet, "--stage_dir", str(out / "base"),
          "--trainer.max_steps", "4", "--data.batch_size", "4"],
-        # chunks of 1 task: rank 0 runs two backward passes, rank 1 one
+        # a memory budget that fits one task per group: rank 0 runs two backward passes, rank 1 one
         ["fit", "-c", str(SMOKE / "hnet.yaml"), *quiet, "--stage_dir", str(out / "hnet"),
-         "--trainer.max_steps", "5", "--data.batch_size", "3", "--model.init_args.chunk_size", "1"],
+         "--trainer.max_steps", "5", "--data.batch_size", "3", "--model.init_args.max_chunk_mib", "0.0001"],
         ["predict", "-c", str(SMOKE / "adapt.yaml"), *quiet[:2], "--stage_dir", str(out / "adaptation"),
          "--ckpt_path", str(hnet), "--trainer.enable_progress_bar", "false"],
         ["fit", "-c", str(SMOKE / "hyperclip.yaml"), *quiet, *adaptation, "--stage_dir",

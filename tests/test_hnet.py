@@ -1,6 +1,7 @@
 """HNet-MAML: the batched meta-gradient against a plain per-task autograd loop; latent adaptation."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -173,3 +174,88 @@ def test_configs_parse(dataset, stage, verb, capsys):
     assert main([verb, "-c", str(config), "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("meta_vqa.stages.")
+
+
+def _group_budget(stage: HNetStage, tasks: int) -> float:
+    """max_chunk_mib whose groups hold ``tasks`` double-precision weight vectors."""
+    from meta_vqa.meta.maml import GROUP_COPIES
+
+    return 2 * GROUP_COPIES * stage.adapter.num_params * 8 * (tasks + 0.5) / 2**20
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+@pytest.mark.parametrize("tasks_per_group", [None, 2])
+def test_planned_meta_gradient_equals_per_task_loop(first_order, tasks_per_group):
+    stage = make_stage(first_order=first_order)
+    if tasks_per_group:
+        stage = make_stage(first_order=first_order, max_chunk_mib=_group_budget(stage, tasks_per_group))
+    stage.budget = replace(stage.budget, bucket_flops=0)  # toy sizes: still one bucket per padding bound
+    batch = make_batch()
+    stage.zero_grad()
+    stats = stage.meta_gradient(batch)
+    assert stats.tasks == len(batch)
+    ref = reference_meta_grad(stage, batch, first_order)
+    for name, p in stage.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_one_pass_through_the_hypernetwork_per_step_for_the_whole_group():
+    """The shared layers see every task of a group at once: steps + 1 forward passes per meta-step."""
+    stage = make_stage(max_chunk_mib=None)
+    batch = make_batch()
+    rows = []
+    handle = stage.hnet.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
+    stage.meta_gradient(batch)
+    handle.remove()
+    assert rows == [len(batch)] * (stage.train_loop.steps + 1)
+
+
+@pytest.mark.parametrize("tasks_per_group", [None, 2])
+def test_planned_support_latents_equal_per_task(tasks_per_group):
+    stage = make_stage()
+    stage = make_stage(max_chunk_mib=_group_budget(stage, tasks_per_group) if tasks_per_group else None)
+    stage.budget = replace(stage.budget, bucket_flops=0)
+    batch = make_batch()
+    for loop in (InnerLoop(4, 0.1), InnerLoop(4, 0.05, True, "adam")):
+        z = stage.support_latents(batch, loop)
+        for b in range(len(batch)):
+            one = stage.support_latents(batch.select(torch.tensor([b])), loop)
+            torch.testing.assert_close(z[b], one[0], rtol=1e-9, atol=1e-12)
+
+
+def test_planned_evaluation_equals_one_setting_and_one_task_at_a_time():
+    """Protocol.evaluate fine-tunes every setting in one planned call; its hits equal those of a plain
+    autograd loop on each setting and task alone (the masked support, no planning)."""
+    from meta_vqa.eval.protocol import Protocol, kshot_masks, query_hits
+    from meta_vqa.meta.maml import adapt, adapt_tasks
+    from meta_vqa.nets.adapter import task_losses
+
+    stage = make_stage(max_chunk_mib=None)
+    g = torch.Generator().manual_seed(3)
+    batch = make_batch(n_tasks=4)
+    batch.support_y = torch.randint(0, 2, batch.support_y.shape, generator=g)  # 2 answers: k-shot eligible
+    proto = Protocol(InnerLoop(3, 0.1), max_shots=2, full=True, seed=5, budget=stage.budget)
+    z0 = stage.init_latents(batch.task).detach()
+    res = proto.evaluate(stage.adapter, batch, z0, stage.weights)
+    for s in (0, "full", 1, 2):
+        smask, qmask = batch.support_mask, batch.query_mask
+        if s not in (0, "full"):
+            smask, qmask, _ = kshot_masks(batch, s, 2, 5)
+        for b in range(len(batch)):
+            one = batch.select(torch.tensor([b]))
+            sm, qm = (
+                smask[b : b + 1, : one.support_mask.shape[1]],
+                qmask[b : b + 1, : one.query_mask.shape[1]],
+            )
+
+            def loss(p, one=one, sm=sm):
+                logits = stage.adapter(stage.weights(p), one.support_x, one.answers, one.answer_mask)
+                return task_losses(logits, one.support_y, sm)
+
+            z = z0[b : b + 1] if s == 0 else adapt(z0[b : b + 1], loss, proto.loop, track_meta_grad=False)
+            correct, total = query_hits(stage.adapter, one, z, stage.weights, qm)
+            assert res["model"][s].correct[b] == correct[0] and res["model"][s].total[b] == total[0], (s, b)
+    # several problems in one call equal one call each
+    both = adapt_tasks([batch, batch], [z0, z0 + 0.1], stage.adapter, proto.loop, stage.weights)
+    alone = adapt_tasks([batch], [z0 + 0.1], stage.adapter, proto.loop, stage.weights)[0]
+    torch.testing.assert_close(both[1], alone, rtol=1e-9, atol=1e-12)

@@ -7,7 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.meta.maml import InnerLoop, adapt, meta_gradient, plan_chunks
+from meta_vqa.meta.maml import (
+    GROUP_COPIES,
+    BucketedLoss,
+    Budget,
+    InnerLoop,
+    adapt,
+    meta_gradient,
+    plan_buckets,
+    plan_chunks,
+    plan_tasks,
+    plan_work,
+)
 from meta_vqa.nets.adapter import ResidualAdapter, task_losses
 
 torch.manual_seed(0)
@@ -149,3 +160,116 @@ def test_chunk_plan_covers_every_task_once_and_bounds_padding():
     assert plan_chunks([10, 10, 10, 100], 4) == [[0, 1, 2], [3]]
     groups = plan_chunks(list(range(1, 30)), 4)
     assert sorted(i for g in groups for i in g) == list(range(29)) and max(map(len, groups)) <= 4
+
+
+def _batch_of(tasks) -> TaskBatch:
+    xs, ys, ms, xq, yq, mq, answers = tasks
+    B = xs.shape[0]
+    return TaskBatch(
+        torch.arange(B), torch.zeros(B, DIM, dtype=xs.dtype), answers,
+        torch.ones(answers.shape[:2], dtype=torch.bool), xs, ys, ms, xq, yq, mq,
+    )  # fmt: skip
+
+
+def _budget_for_groups(adapter, tasks_per_group: int) -> Budget:
+    """A budget whose groups hold ``tasks_per_group`` double-precision weight vectors."""
+    weight_bytes = adapter.num_params * 8
+    return Budget(2 * GROUP_COPIES * weight_bytes * (tasks_per_group + 0.5) / 2**20, bucket_flops=0)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+@pytest.mark.parametrize("plan", ["one_group", "groups_of_2", "no_padding", "buckets_of_1"])
+def test_planned_meta_gradient_equals_per_task_loop(first_order, plan):
+    """Groups through the shared map, buckets through the adapter: the same meta-gradient and loss."""
+    adapter = ResidualAdapter(DIM, HIDDEN)
+    w0 = (0.5 * torch.randn(adapter.num_params)).double().requires_grad_()
+    tasks = [t.double() if t.is_floating_point() else t for t in make_tasks()]
+    budget = {
+        "one_group": Budget(None),  # toy sizes: the buckets merge into one (below bucket_flops)
+        "groups_of_2": _budget_for_groups(adapter, 2),
+        "no_padding": Budget(None, max_padding=1.0, bucket_flops=0),
+        "buckets_of_1": Budget(None, max_tasks=1),
+    }[plan]
+    batch = _batch_of(tasks)
+    groups = plan_tasks([batch], "support", adapter, budget, torch.double)[1]
+    if plan == "groups_of_2":
+        assert [len(g.rows) for g in groups] == [2, 1, 2]  # 5 tasks in 3 groups of equal counts
+    if plan == "no_padding":  # support sizes 7, 3, 9, 5, 4 all differ: one bucket each
+        assert len(groups) == 1 and len(groups[0].buckets) == 5
+    if plan == "one_group":
+        assert len(groups) == 1 and len(groups[0].buckets) == 1
+    loop = InnerLoop(steps=3, lr=0.05, first_order=first_order)
+    stats = meta_gradient(
+        batch, lambda c: w0.expand(len(c), -1), lambda p: p, adapter, loop, "support", "query", budget=budget
+    )
+    ref_grad, ref_losses = reference_meta_grad(w0, tasks, loop.steps, loop.lr, first_order)
+    torch.testing.assert_close(stats.loss, ref_losses.mean(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w0.grad, ref_grad, rtol=1e-7, atol=1e-9)
+
+
+def test_plan_bounds_group_memory_and_bucket_padding():
+    sizes = [40, 20, 14, 13, 80, 142, 38, 55, 32, 180, 81, 12, 97, 14, 55, 18, 1184, 845]
+    weight_bytes, row_bytes = 1000, 10
+    budget = Budget(max_mib=2 * GROUP_COPIES * weight_bytes * 5 / 2**20)  # at most 5 tasks per group
+    groups = plan_work(sizes, budget, weight_bytes, row_bytes)
+    assert sorted(i for g in groups for i in g.rows) == list(range(len(sizes)))
+    assert len(groups) == 4 and all(len(g.rows) <= 5 for g in groups)
+    for g in groups:
+        assert [s.start for s in g.buckets] == [0, *(s.stop for s in g.buckets[:-1])]  # consecutive
+        assert g.buckets[-1].stop == len(g.rows)
+        for s in g.buckets:
+            n = [sizes[i] for i in g.rows[s]]
+            assert len(n) == 1 or len(n) * max(n) <= 1.5 * sum(n)
+    # no memory bound: one group, the long tail kept apart from the small tasks
+    (one,) = plan_work(sizes, Budget(None), weight_bytes, row_bytes)
+    last = [sizes[i] for i in one.rows[one.buckets[-1]]]
+    assert sorted(last) == [845, 1184]
+    # small buckets merge whatever their padding when their work is below a bucket's fixed cost
+    assert plan_buckets([1, 10, 100], 1.5, min_rows=300) == [[0, 1, 2]]
+    assert plan_buckets([1, 10, 100], 1.5, min_rows=100) == [[0, 1], [2]]
+    # the bucket's memory bound: at most 2 tasks of 100 examples fit
+    tight = plan_buckets([100] * 5, 1.5, None, max_bytes=2 * (0 + 100 * 10), task_bytes=0, row_bytes=10)
+    assert [len(b) for b in tight] == [2, 2, 1]
+
+
+def test_bucketed_loss_gradient_equals_autograd_on_the_whole_batch():
+    """The two-phase gradient (per bucket to the weights, then one pass back through the shared map) is the
+    gradient of the summed losses, first- and second-order (its own gradient)."""
+    torch.manual_seed(0)
+    adapter = ResidualAdapter(DIM, HIDDEN)
+    tasks = [t.double() if t.is_floating_point() else t for t in make_tasks()]
+    batch = _batch_of(tasks)
+    shared = torch.nn.Linear(4, adapter.num_params).double()
+    p = torch.randn(len(batch), 4, dtype=torch.double, requires_grad=True)
+    buckets = [
+        (slice(0, 2), batch.examples("support", slice(0, 2))),
+        (slice(2, 5), batch.examples("support", slice(2, 5))),
+    ]  # noqa: E501
+    loss = BucketedLoss(shared, adapter, buckets)
+    whole = task_losses(adapter(shared(p), *tasks[:1], tasks[-1]), tasks[1], tasks[2])
+    (ref,) = torch.autograd.grad(whole.sum(), p, create_graph=True)
+    values, grad = loss.value_and_grad(p, create_graph=True)
+    torch.testing.assert_close(values, whole.detach())
+    torch.testing.assert_close(grad, ref)
+    # second order: the gradient of a function of the gradient agrees too
+    (h_ref,) = torch.autograd.grad(ref.pow(2).sum(), shared.weight)
+    (h,) = torch.autograd.grad(grad.pow(2).sum(), shared.weight)
+    torch.testing.assert_close(h, h_ref)
+
+
+def test_examples_gather_unpacked_masks_and_the_all_split():
+    tasks = make_tasks()
+    batch = _batch_of(tasks)
+    mask = batch.support_mask.clone()
+    mask[:, 0] = False  # not front-packed any more
+    b = TaskBatch(**{**vars(batch), "support_mask": mask})
+    ex = b.examples("support", torch.tensor([2, 0]))
+    for row, t in enumerate([2, 0]):
+        n = int(mask[t].sum())
+        assert int(ex.mask[row].sum()) == n
+        torch.testing.assert_close(ex.x[row, :n], batch.support_x[t][mask[t]])
+    assert ex.x.shape[1] == int(mask[[2, 0]].sum(1).max())
+    both = batch.examples("all", slice(1, 3))
+    for row, t in enumerate([1, 2]):
+        xs = torch.cat([batch.support_x[t][batch.support_mask[t]], batch.query_x[t][batch.query_mask[t]]])
+        torch.testing.assert_close(both.x[row][both.mask[row]], xs)

@@ -2,8 +2,8 @@
 
 import torch
 
-from meta_vqa.data.batch import TaskBatch
-from meta_vqa.eval.protocol import Protocol, kshot_masks, majority_correct, pack, rank_within_answer
+from meta_vqa.data.batch import TaskBatch, pack
+from meta_vqa.eval.protocol import Protocol, kshot_masks, majority_correct, rank_within_answer
 from meta_vqa.eval.results import ResultCollector, aggregate, render_markdown
 from meta_vqa.meta.maml import InnerLoop, adapt
 from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses

@@ -321,3 +321,77 @@ def _generate(images_dir, monkeypatch, capsys, guided):
     assert "at least two" in capsys.readouterr().err
     assert main(["generate", "--run", str(tmp_path), "--question", "q", "--answers", "a,b"]) == 2
     assert "hnet_hyperldm/best.ckpt" in capsys.readouterr().err
+
+
+HNET_RECORD = {
+    "class_path": "meta_vqa.stages.hnet.HNetStage",
+    "hparams": {
+        "feature_dim": 6,
+        "question_dim": 5,
+        "adapter_hidden": 3,
+        "latent_dim": 4,
+        "hnet_hidden": [8, 8],
+    },
+}
+
+
+def _tiny_hyperclip(generator: str = "hnet", **kw):
+    """A HyperCLIP stage on a random tiny generator (double precision); ``hvae``: with standardisation."""
+    from meta_vqa.stages.hyperclip import HyperCLIPStage
+
+    torch.manual_seed(0)
+    record = HNET_RECORD
+    if generator == "hvae":
+        hp = {"upstream": HNET_RECORD, "feature_dim": 6, "question_dim": 5, "latent_dim": 4, "hidden": [8]}
+        record = {"class_path": "meta_vqa.stages.hvae.HVAEStage", "hparams": {**hp, "normalize": True}}
+    kw = {"guidance_steps": 7, "guidance_lr": 0.05, **kw}
+    stage = HyperCLIPStage(upstream=record, feature_dim=6, question_dim=5, hidden=(8, 8), **kw).double()
+    if generator == "hvae":
+        stage.generator.w_scale.fill_(0.7)
+        stage.generator.w_mean.normal_()
+    return stage
+
+
+@pytest.mark.parametrize("generator", ["hnet", "hvae"])
+def test_folded_latent_encoder_equals_encoder_of_generated_weights(generator):
+    """G's output layer folded into H_ω's first layer: the same embeddings and latent gradients."""
+    stage = _tiny_hyperclip(generator)
+    gen = stage.generator
+    features, a, b = gen.weight_map()
+    z = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    torch.testing.assert_close(features(z) @ a.T + b, gen.weights(z))
+    folded, plain = stage.latent_encoder()(z), stage.encoder(gen.weights(z))
+    torch.testing.assert_close(folded, plain)
+    q = torch.randn(3, 5, dtype=torch.double)
+    (g1,) = torch.autograd.grad((folded * q).sum(), z)
+    (g2,) = torch.autograd.grad((plain * q).sum(), z)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("langevin", [0.0, 0.1])
+def test_guided_controls_equal_one_unfolded_run_per_control(langevin):
+    """The three controls stacked in one optimisation equal the previous path: one unfolded run per
+    control (and, without Langevin noise, per task)."""
+    stage = _tiny_hyperclip(langevin=langevin)
+    gen, hp = stage.generator, stage.hparams
+    batch = _batch(B=3, dq=5)
+    batch.question = torch.randn(3, 5, dtype=torch.double)
+    got = stage.guided_controls(batch)
+    assert list(got) == ["aligned", "shuffled", "empty"]
+    for control, z in got.items():
+        q = control_questions(batch, control)
+        rows = [slice(b, b + 1) for b in range(len(batch))] if not langevin else [slice(0, len(batch))]
+        for r in rows:
+            noise = torch.Generator().manual_seed(hp.eval_seed) if langevin else None
+            ref = optimize_latents(
+                gen.init_latents(batch.task[r]).detach(),
+                lambda z, q=q[r]: stage.similarity(gen.weights(z), q),
+                hp.guidance_steps,
+                hp.guidance_lr,
+                langevin=langevin,
+                generator=noise,
+            )
+            torch.testing.assert_close(z[r], ref, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(got["aligned"], got["empty"])
+    if not langevin:  # no description, no noise: the start latent
+        assert torch.equal(got["empty"], gen.init_latents(batch.task).detach().expand(3, -1))

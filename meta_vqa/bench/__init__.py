@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,7 @@ BENCHES = {
     "maml": "meta_vqa.bench.maml",
     "hnet": "meta_vqa.bench.hnet",
     "sample": "meta_vqa.bench.sample",
+    "guidance": "meta_vqa.bench.guidance",
     "clip": "meta_vqa.prepare.clip_bench",
 }
 LATER: dict[str, str] = {}
@@ -92,6 +94,83 @@ class PeakMemory:
             self._thread.join()
             self._peak = max(self._peak, _rss_bytes() or 0)
             self.mib = (self._peak - self._base) / 2**20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this machine can do, measured in the same run as a bench: memory bandwidth (a STREAM-like
+    triad ``a = b + s·c``, 3 arrays counted) and fp32 matmul throughput (a large square product)."""
+
+    bandwidth: float  # bytes/s
+    flops: float  # FLOP/s
+
+    def config(self) -> dict:
+        return {"bandwidth_GBps": self.bandwidth / 1e9, "matmul_GFLOPps": self.flops / 1e9}
+
+
+def measure_limits(device: torch.device, mib: int = 256, n: int = 2048, repeats: int = 3) -> Limits:
+    """:class:`Limits` of ``device``: the triad over three ``mib`` MiB arrays, an ``n`` × ``n`` fp32 matmul
+    (4096 on CUDA); the best of ``repeats`` after one warm-up, as STREAM reports."""
+    m = mib * 2**20 // 4
+    b = torch.rand(m, device=device)
+    c = torch.rand(m, device=device)
+    a = torch.empty_like(b)
+    n = 4096 if device.type == "cuda" else n
+    x = torch.rand(n, n, device=device)
+    y = torch.rand(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+
+    def best(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t_triad = best(lambda: torch.add(b, c, alpha=3.0, out=a))
+    t_mm = best(lambda: torch.mm(x, y, out=out))
+    return Limits(3 * m * 4 / t_triad, 2 * n**3 / t_mm)
+
+
+@dataclass(frozen=True)
+class Work:
+    """The useful work of one timed call: tasks done, bytes of shared weights read (every pass through a
+    shared matrix reads it once), and the FLOPs of the shared layers and the adapter products on the real
+    (unpadded) examples."""
+
+    tasks: int
+    shared_bytes: float
+    flops: float
+
+
+def roofline(
+    bench: str,
+    name: str,
+    ours: Work,
+    t_ours: float,
+    base: Work,
+    t_base: float,
+    limits: Limits,
+    device: torch.device,
+    config: dict,
+) -> list[dict]:
+    """Figures that place a timed call against the machine: shared-weight MB read per task, and the
+    achieved fractions of the measured bandwidth (shared weights read per second) and matmul peak."""
+    cfg = {**config, **limits.config()}
+    per_task = lambda w: w.shared_bytes / max(w.tasks, 1) / 1e6  # noqa: E731
+    bw = lambda w, t: w.shared_bytes / t / limits.bandwidth  # noqa: E731
+    fl = lambda w, t: w.flops / t / limits.flops  # noqa: E731
+    return [
+        figure(bench, f"{name}_shared_MB_per_task", per_task(ours), "MB/task", per_task(base), None, device, cfg),
+        figure(bench, f"{name}_bandwidth_fraction", bw(ours, t_ours), "fraction", bw(base, t_base), None, device, cfg),
+        figure(bench, f"{name}_matmul_fraction", fl(ours, t_ours), "fraction", fl(base, t_base), None, device, cfg),
+    ]  # fmt: skip
 
 
 def memory_note(device: torch.device) -> str:

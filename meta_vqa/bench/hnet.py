@@ -1,13 +1,17 @@
-"""Bench: HNet-MAML at paper scale, batched over tasks vs a per-task loop.
+"""Bench: HNet-MAML at paper scale, planned over tasks vs a per-task loop.
 
-Two figures, each measured against the straightforward per-task loop in the same run on the same tasks:
+Two throughputs, each measured against the straightforward per-task loop in the same run on the same tasks:
 
 * ``meta_train_tasks_per_s``: one meta-step (inner loop over the latent + outer backward to θ and z0)
   through the stage's own ``meta_gradient``; the baseline feeds the tasks one at a time, unpadded.
 * ``adapted_latents_per_s``: the adaptation dataset's inner loop (10 SGD steps from z0 on each task's
-  data) through ``HNetStage.support_latents``, batched vs one task per call.
+  data) through ``HNetStage.support_latents``, planned vs one task per call.
 
-Also the peak memory of each side (CUDA allocator, or resident-set growth on CPU). Task sizes are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
+Beside each: the shared weights read per task (the HNet's output layer, 128 × D floats, once per pass),
+the achieved fractions of this machine's memory bandwidth and matmul peak (measured in the same run),
+and the peak memory of each side (CUDA allocator, or resident-set growth on CPU). ``--compare-chunks N``
+also times the previous path (chunks of N tasks, each through the shared layers on its own). Task sizes
+are drawn like Meta-VQA's (:mod:`meta_vqa.bench.maml`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,19 @@ import argparse
 import numpy as np
 import torch
 
-from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
+from meta_vqa.bench import (
+    PeakMemory,
+    Work,
+    figure,
+    measure_limits,
+    memory_note,
+    resolve_device,
+    roofline,
+    timed,
+)
 from meta_vqa.bench.maml import add_scale_arguments, draw_sizes, make_batch
 from meta_vqa.device import autocast
-from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.meta.maml import InnerLoop, adapt_tasks, plan_tasks
 from meta_vqa.stages.hnet import HNetStage
 
 
@@ -30,10 +43,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hnet-hidden", type=int, nargs="+", default=[128, 128, 128], help="HNet hidden widths")
 
 
+def adapter_flops(examples: float, dim: int, hidden: int, backward: bool = True) -> float:
+    """FLOPs of the adapter's two products on ``examples`` examples (×2.5 with the backward pass: the
+    gradients with respect to the hidden layer and to both weight matrices)."""
+    fwd = 4.0 * dim * hidden * examples
+    return fwd * (2.5 if backward else 1.0)
+
+
+def shared_work(tasks: int, groups: int, passes: int, stage: HNetStage) -> tuple[float, float]:
+    """``(bytes read, FLOPs)`` of ``passes`` passes through the HNet's output layer for each of ``groups``
+    groups holding ``tasks`` tasks in all."""
+    out = stage.hnet.layers[-1]
+    matrix = out.weight.numel() * out.weight.element_size()
+    return groups * passes * matrix, passes * tasks * 2.0 * out.weight.numel()
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    chunk = args.chunk_size or None
     stage = HNetStage(
         feature_dim=args.dim,
         question_dim=args.dim,
@@ -42,51 +69,86 @@ def run(args: argparse.Namespace) -> list[dict]:
         hnet_hidden=tuple(args.hnet_hidden),
         inner_steps=args.steps,
         first_order=not args.second_order,
-        chunk_size=chunk,
+        max_chunk_mib=args.max_chunk_mib or None,
+        chunk_size=args.chunk_size or None,
     ).to(device)
+    budget = stage.budget
     sizes = draw_sizes(args.tasks, np.random.default_rng(args.seed))
     batch = make_batch(sizes, args.dim, args.dim, device, args.seed)
     B = len(batch)
     singles = [batch.select(torch.tensor([i], device=device)) for i in range(B)]
     params = [p for p in stage.parameters() if p.requires_grad]
-
-    def meta_grad(chunks) -> torch.Tensor:
-        stage.zero_grad(set_to_none=True)
-        with autocast(device, args.precision):
-            stage.meta_gradient(chunks)
-        return torch.cat([p.grad.flatten() for p in params])
-
-    def batched() -> torch.Tensor:
-        return meta_grad(batch.chunks(chunk))
-
-    def per_task() -> torch.Tensor:
-        return meta_grad(singles)
-
     loop = InnerLoop(args.steps, 0.1, True)
 
-    def adapt_batched() -> torch.Tensor:
+    def meta_grad(tasks) -> torch.Tensor:
+        stage.zero_grad(set_to_none=True)
         with autocast(device, args.precision):
-            return stage.support_latents(batch, loop)
+            stage.meta_gradient(tasks)
+        return torch.cat([p.grad.flatten() for p in params])
 
-    def adapt_per_task() -> torch.Tensor:
+    def adapt_latents(tasks) -> torch.Tensor:
         with autocast(device, args.precision):
-            return torch.cat([stage.support_latents(one, loop) for one in singles])
+            return torch.cat([stage.support_latents(t, loop) for t in tasks])
 
-    g_b, g_l = batched(), per_task()
-    grad_diff = ((g_b - g_l).abs().max() / g_l.abs().max().clamp(min=1e-12)).item()
-    z_b, z_l = adapt_batched(), adapt_per_task()
-    latent_diff = ((z_b - z_l).abs().max() / z_l.abs().max().clamp(min=1e-12)).item()
+    sides = {
+        "meta": {
+            "ours": lambda: meta_grad(batch),
+            "loop": lambda: meta_grad(singles),
+        },
+        "adapt": {
+            "ours": lambda: adapt_latents([batch]),
+            "loop": lambda: adapt_latents(singles),
+        },
+    }
+    if args.compare_chunks:
+        chunks = batch.chunks(args.compare_chunks)
+        parts = batch.chunked(args.compare_chunks, by="support")
 
-    # the per-task side first: on CPU the resident set, once grown, may not shrink again
-    with PeakMemory(device) as m_l:
-        t_l = timed(per_task, device, args.repeats)
-    with PeakMemory(device) as m_b:
-        t_b = timed(batched, device, args.repeats)
-    with PeakMemory(device) as am_l:
-        ta_l = timed(adapt_per_task, device, args.repeats)
-    with PeakMemory(device) as am_b:
-        ta_b = timed(adapt_batched, device, args.repeats)
+        def adapt_chunked() -> torch.Tensor:
+            out = torch.empty(B, stage.latent_dim, device=device)
+            for idx, chunk in parts:
+                init = stage.init_latents(chunk.task)
+                out[idx] = adapt_tasks([chunk], [init], stage.adapter, loop, stage.weights, budget=budget)[0]
+            return out
 
+        sides["meta"]["chunks"] = lambda: meta_grad(chunks)
+        sides["adapt"]["chunks"] = adapt_chunked
+
+    diffs = {}
+    for key, fns in sides.items():
+        ref = fns["loop"]()
+        for name, fn in fns.items():
+            if name != "loop":
+                got = fn()
+                diffs[f"{key}_{name}"] = ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+    limits = measure_limits(device)
+    times, peaks = {}, {}
+    for key, fns in sides.items():  # the per-task side first: on CPU the resident set may not shrink again
+        for name in ("loop", *(n for n in fns if n != "loop")):
+            with PeakMemory(device) as m:
+                times[key, name] = timed(fns[name], device, args.repeats)
+            peaks[key, name] = m.mib
+
+    s = torch.tensor([x[0] for x in sizes], dtype=torch.float64)
+    q = torch.tensor([x[1] for x in sizes], dtype=torch.float64)
+    dtype = batch.answers.dtype
+    n_meta = len(plan_tasks([batch], stage.hparams.inner_split, stage.adapter, budget, dtype)[1])
+    n_adapt = len(plan_tasks([batch], "support", stage.adapter, budget, dtype)[1])
+    meta_passes, adapt_passes = 2 * args.steps + 3, 2 * args.steps  # + outer fwd, bwd to input and weight
+    meta_flops = adapter_flops(args.steps * s.sum() + q.sum(), args.dim, args.hidden)
+    adapt_flops = adapter_flops(args.steps * s.sum(), args.dim, args.hidden)
+
+    def work(groups: int, passes: int, flops: float) -> Work:
+        read, shared_flops = shared_work(B, groups, passes, stage)
+        return Work(B, read, float(shared_flops + flops))
+
+    works = {
+        ("meta", "ours"): work(n_meta, meta_passes, meta_flops),
+        ("meta", "loop"): work(B, meta_passes, meta_flops),
+        ("adapt", "ours"): work(n_adapt, adapt_passes, adapt_flops),
+        ("adapt", "loop"): work(B, adapt_passes, adapt_flops),
+    }
     config = {
         "tasks": B,
         "inner_steps": args.steps,
@@ -95,20 +157,45 @@ def run(args: argparse.Namespace) -> list[dict]:
         "latent": args.latent,
         "hnet_hidden": list(args.hnet_hidden),
         "hnet_params": sum(p.numel() for p in stage.hnet.parameters()),
+        "max_chunk_mib": args.max_chunk_mib,
         "chunk_size": args.chunk_size,
-        "support_sizes": [s for s, _, _ in sizes],
-        "query_sizes": [q for _, q, _ in sizes],
-        "grad_rel_max_diff": grad_diff,
-        "latent_rel_max_diff": latent_diff,
+        "groups_meta_train": n_meta,
+        "groups_adaptation": n_adapt,
+        "support_sizes": [x[0] for x in sizes],
+        "query_sizes": [x[1] for x in sizes],
+        "rel_max_diff_vs_loop": diffs,
         "precision": args.precision,
         "repeats": args.repeats,
     }
-    out = [
-        figure("hnet", "meta_train_tasks_per_s", B / t_b, "tasks/s", B / t_l, t_l / t_b, device, config),
-        figure("hnet", "adapted_latents_per_s", B / ta_b, "latents/s", B / ta_l, ta_l / ta_b, device, config),
-    ]
-    if m_b.mib is not None:
-        small = {"tasks": B, "chunk_size": args.chunk_size, "measure": memory_note(device)}
-        out.append(figure("hnet", "peak_memory_meta_train", m_b.mib, "MiB", m_l.mib, None, device, small))
-        out.append(figure("hnet", "peak_memory_adaptation", am_b.mib, "MiB", am_l.mib, None, device, small))
+    names = {"meta": ("meta_train", "tasks/s"), "adapt": ("adapted_latents", "latents/s")}
+    out = []
+    for key, (name, unit) in names.items():
+        t_o, t_l = times[key, "ours"], times[key, "loop"]
+        out.append(figure("hnet", f"{name}_per_s", B / t_o, unit, B / t_l, t_l / t_o, device, config))
+        if (key, "chunks") in times:
+            t_c = times[key, "chunks"]
+            cfg = {**config, "baseline": f"chunks of {args.compare_chunks} tasks (the previous path)"}
+            out.append(
+                figure("hnet", f"{name}_per_s_vs_chunks", B / t_o, unit, B / t_c, t_c / t_o, device, cfg)
+            )
+        out += roofline(
+            "hnet", name, works[key, "ours"], t_o, works[key, "loop"], t_l, limits, device, config
+        )
+    if peaks["meta", "ours"] is not None:
+        small = {"tasks": B, "max_chunk_mib": args.max_chunk_mib, "measure": memory_note(device)}
+        for key, name in (("meta", "meta_train"), ("adapt", "adaptation")):
+            if (key, "chunks") in peaks:
+                small = {**small, f"{name}_chunks_MiB": peaks[key, "chunks"]}
+            out.append(
+                figure(
+                    "hnet",
+                    f"peak_memory_{name}",
+                    peaks[key, "ours"],
+                    "MiB",
+                    peaks[key, "loop"],
+                    None,
+                    device,
+                    small,
+                )
+            )  # noqa: E501
     return out

@@ -65,7 +65,18 @@ def add_scale_arguments(p: argparse.ArgumentParser, repeats: int) -> None:
     p.add_argument("--steps", type=int, default=10, help="inner steps")
     p.add_argument("--dim", type=int, default=768, help="CLIP feature width (768: D = 394,240)")
     p.add_argument("--hidden", type=int, default=256, help="adapter hidden width")
-    p.add_argument("--chunk-size", type=int, default=8, help="tasks per batched chunk (0 = all at once)")
+    p.add_argument(
+        "--max-chunk-mib", type=float, default=1024.0, help="memory budget of one batched pass (0 = none)"
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=0, help="deprecated: tasks per adapter bucket (0 = no cap)"
+    )
+    p.add_argument(
+        "--compare-chunks",
+        type=int,
+        default=0,
+        help="also time the previous path: chunks of this many tasks, each on its own (0 = skip)",
+    )
     p.add_argument("--second-order", action="store_true", help="second-order MAML instead of first-order")
     p.add_argument("--repeats", type=int, default=repeats, help="timed calls per side (median reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -89,6 +100,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         adapter_hidden=args.hidden,
         inner_steps=args.steps,
         first_order=not args.second_order,
+        max_chunk_mib=args.max_chunk_mib or None,
+        chunk_size=args.chunk_size or None,
     ).to(device)
     sizes = draw_sizes(args.tasks, np.random.default_rng(args.seed))
     batch = make_batch(sizes, args.dim, args.dim, device, args.seed)
@@ -102,7 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         return stage.w0.grad.clone()
 
     def batched() -> torch.Tensor:
-        return meta_grad(batch.chunks(args.chunk_size or None))
+        return meta_grad(batch)
 
     def per_task() -> torch.Tensor:
         return meta_grad(singles)
@@ -114,11 +127,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     with PeakMemory(device) as m_batched:
         t_batched = timed(batched, device, args.repeats)
     peak_batched, peak_loop = m_batched.mib, m_loop.mib
+    chunks = batch.chunks(args.compare_chunks) if args.compare_chunks else None
+    t_chunks = timed(lambda: meta_grad(chunks), device, args.repeats) if chunks else None
     config = {
         "tasks": B,
         "inner_steps": args.steps,
         "first_order": not args.second_order,
         "adapter_params": stage.adapter.num_params,
+        "max_chunk_mib": args.max_chunk_mib,
         "chunk_size": args.chunk_size,
         "support_sizes": [s for s, _, _ in sizes],
         "query_sizes": [q for _, q, _ in sizes],
@@ -138,6 +154,21 @@ def run(args: argparse.Namespace) -> list[dict]:
             config,
         )
     ]
+    if t_chunks is not None:
+        cfg = {**config, "baseline": f"chunks of {args.compare_chunks} tasks (the previous path)"}
+        rate = B / t_batched
+        out.append(
+            figure(
+                "maml",
+                "meta_train_tasks_per_s_vs_chunks",
+                rate,
+                "tasks/s",
+                B / t_chunks,
+                t_chunks / t_batched,
+                device,
+                cfg,
+            )
+        )  # noqa: E501
     if peak_batched is not None:
         out.append(
             figure(
@@ -148,7 +179,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 peak_loop,
                 None,
                 device,
-                {"tasks": B, "chunk_size": args.chunk_size, "measure": memory_note(device)},
+                {"tasks": B, "max_chunk_mib": args.max_chunk_mib, "measure": memory_note(device)},
             )
         )
     return out

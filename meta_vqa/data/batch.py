@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from meta_vqa.meta.maml import plan_chunks
+from meta_vqa.meta.maml import Examples, Rows, Split, plan_chunks
 
 
 def _pad(rows: list[list[int]], value: int = -1) -> Tensor:
@@ -41,6 +41,15 @@ def _subsample(x: Tensor, y: Tensor, mask: Tensor, n: int | None, generator: tor
     keys = torch.where(mask, keys.to(mask.device), torch.full_like(mask, 2.0, dtype=keys.dtype))
     chosen, idx = keys.topk(n, dim=1, largest=False)
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), y.gather(1, idx), chosen < 1.5
+
+
+def pack(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's masked-in examples moved to the front (in their order), padding beyond the largest
+    count dropped: a k-shot support set then costs k·K examples per step, not the whole padded support."""
+    width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x, y.gather(1, order), mask.gather(1, order)
 
 
 @dataclass
@@ -153,7 +162,10 @@ class TaskBatch:
     ) -> list[tuple[Tensor, TaskBatch]]:
         """``(indices, chunk)`` pairs: at most ``size`` tasks of similar size per chunk, each trimmed to
         its largest task (:func:`meta_vqa.meta.maml.plan_chunks`); ``by`` is the size that pads (support
-        and query examples, or the support set alone when only the support set is used)."""
+        and query examples, or the support set alone when only the support set is used).
+
+        Copies of sub-batches, for work that must see separate batches (``meta_gradient`` on a list, the
+        benches' previous path); the planned steps use :meth:`examples` views instead."""
         n = self.support_mask.sum(1) + (self.query_mask.sum(1) if by == "all" else 0)
         groups = plan_chunks(n.tolist(), size, max_padding)
         if groups == [list(range(len(self)))]:  # one chunk in batch order: no copy needed
@@ -191,6 +203,34 @@ class TaskBatch:
                 torch.cat([self.support_mask, self.query_mask], 1),
             )
         raise ValueError(f"unknown split {which!r}; expected 'support', 'query' or 'all'")
+
+    def sizes(self, which: Split) -> Tensor:
+        """Examples per task ``[B]`` in the split ``which``."""
+        if which == "all":
+            return self.support_mask.sum(1) + self.query_mask.sum(1)
+        return self.split(which)[2].sum(1)
+
+    def examples(self, which: Split, rows: Rows) -> Examples:
+        """The split ``which`` of the tasks ``rows``, each task's examples at the front, trimmed to the
+        largest task before anything is gathered (views where ``rows`` is a slice and the mask already is
+        front-packed). ``"all"``: each task's support and query examples together."""
+        answer_mask = self.answer_mask[rows]
+        k = _extent(answer_mask)
+        answers, answer_mask = self.answers[:, :k][rows], answer_mask[:, :k]
+        xs, ys, ms = [], [], []
+        for split in ("support", "query") if which == "all" else (which,):
+            x, y, mask = self.split(split)
+            mask = mask[rows]
+            width = _extent(mask)
+            xs.append(x[:, :width][rows])
+            ys.append(y[:, :width][rows])
+            ms.append(mask[:, :width])
+        x, y, mask = (torch.cat(t, 1) if len(t) > 1 else t[0] for t in (xs, ys, ms))
+        counts = mask.sum(1, keepdim=True)
+        n = max(int(counts.max()), 1) if counts.numel() else 1
+        if torch.equal(torch.arange(mask.shape[1], device=mask.device) < counts, mask):
+            return Examples(answers, answer_mask, x[:, :n], y[:, :n], mask[:, :n])
+        return Examples(answers, answer_mask, *pack(x, y, mask))
 
     def clone(self) -> TaskBatch:
         """A copy whose tensors are ordinary (not inference-mode) tensors, so they can enter autograd."""

@@ -80,25 +80,32 @@ def optimize_latents(
     langevin: float = 0.0,
     cosine_lr: bool = False,
     generator: torch.Generator | None = None,
+    noise_rows: int | None = None,
 ) -> Tensor:
     """HyperCLIP classifier guidance by optimisation (the paper's guidance), every task at once.
 
     Minimises ``−score(z) + (λ/2)·||z − z_init||²`` per row with Adam (elementwise, so one optimiser over
-    ``[B, d]`` is B independent ones); ``langevin`` > 0 adds ε·N(0, I)/√lr to each gradient.
+    ``[B, d]`` is B independent ones: independent problems, e.g. the controls of a test batch, can be
+    stacked along the rows); ``langevin`` > 0 adds ε·N(0, I)/√lr to each gradient, drawn for the first
+    ``noise_rows`` rows and repeated over the rest (stacked copies of one problem see the noise a
+    separate run of it would). Only the gradient with respect to ``z`` is taken: the score's parameters
+    get none.
     """
     z = z_init.detach().clone().requires_grad_()
     opt = torch.optim.Adam([z], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine_lr and steps > 0 else None
+    period = noise_rows or z.shape[0]
     with torch.enable_grad():
         for _ in range(steps):
-            opt.zero_grad()
             loss = -score(z)
             if prior_weight:
                 loss = loss + 0.5 * prior_weight * (z - z_init.detach()).pow(2).sum(-1)
-            loss.sum().backward()
+            (grad,) = torch.autograd.grad(loss.sum(), z)
             if langevin:
-                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-                z.grad.add_(noise, alpha=langevin / lr**0.5)
+                shape = (period, *z.shape[1:])
+                noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
+                grad = grad + (langevin / lr**0.5) * noise.repeat(z.shape[0] // period, *([1] * (z.ndim - 1)))
+            z.grad = grad
             opt.step()
             if sched is not None:
                 sched.step()

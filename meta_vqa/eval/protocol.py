@@ -12,14 +12,14 @@ Few-shot variants:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.meta.maml import InnerLoop, adapt
-from meta_vqa.nets.adapter import ResidualAdapter, task_correct, task_losses
+from meta_vqa.meta.maml import Budget, InnerLoop, adapt_tasks, planned_hits
+from meta_vqa.nets.adapter import ResidualAdapter
 
 Shots = int | str  # 0 (zero-shot), "full", or k examples per answer
 
@@ -63,15 +63,6 @@ def kshot_masks(batch: TaskBatch, k: int, max_k: int, seed: int) -> tuple[Tensor
     return s_kept & (rank < k) & e, q_kept & e, eligible
 
 
-def pack(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each task's masked-in examples moved to the front (in their order), padding beyond the largest
-    count dropped: a k-shot support set then costs k·K examples per step, not the whole padded support."""
-    width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
-    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return x, y.gather(1, order), mask.gather(1, order)
-
-
 def majority_correct(batch: TaskBatch, support_mask: Tensor, query_mask: Tensor) -> Tensor:
     """Query hits of always answering the support set's most frequent answer (first one on ties)."""
     K = batch.answers.shape[1]
@@ -83,10 +74,6 @@ def majority_correct(batch: TaskBatch, support_mask: Tensor, query_mask: Tensor)
 Weights = Callable[[Tensor], Tensor]  # per-task parameters [B, P] -> flat adapter weights [B, D]
 
 
-def _identity(p: Tensor) -> Tensor:
-    return p
-
-
 def fine_tune(
     adapter: ResidualAdapter,
     batch: TaskBatch,
@@ -94,38 +81,29 @@ def fine_tune(
     loop: InnerLoop,
     to_weights: Weights | None = None,
     support: tuple[Tensor, Tensor, Tensor] | None = None,
+    budget: Budget | None = None,
 ) -> Tensor:
-    """``init`` [B, P] fine-tuned by ``loop`` on each task's support examples (detached result).
+    """``init`` [B, P] fine-tuned by ``loop`` on each task's support examples (detached result), rows in
+    the batch's task order.
 
     ``support``: ``(x, y, mask)`` to fine-tune on instead of the batch's support split (e.g. a k-shot
-    subset); ``to_weights`` maps parameters to adapter weights (identity: they are weights).
+    subset); ``to_weights`` maps parameters to adapter weights (identity: they are weights). The tasks
+    are planned by ``budget`` (:func:`meta_vqa.meta.maml.adapt_tasks`): every task of a group through the
+    shared layers at once, the adapter per bucket of tasks of similar support size.
     """
-    to_w = to_weights or _identity
-    sx, sy, sm = support if support is not None else (batch.support_x, batch.support_y, batch.support_mask)
-
-    def inner_loss(p: Tensor) -> Tensor:
-        return task_losses(adapter(to_w(p), sx, batch.answers, batch.answer_mask), sy, sm)
-
-    return adapt(init.detach(), inner_loss, loop, track_meta_grad=False)
+    if support is not None:
+        batch = with_support(batch, *support)
+    return adapt_tasks([batch], [init], adapter, loop, to_weights, "support", budget)[0]
 
 
-def adapt_on_support(
-    adapter: ResidualAdapter,
-    batch: TaskBatch,
-    init: Tensor,
-    loop: InnerLoop,
-    to_weights: Weights | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """:func:`fine_tune` on the support split, run in chunks of at most ``chunk_size`` tasks of similar
-    support size (bounded memory, little padding); rows come back in the batch's task order."""
-    parts = batch.chunked(chunk_size, by="support")
-    if len(parts) == 1:
-        return fine_tune(adapter, parts[0][1], init, loop, to_weights)
-    out = torch.empty_like(init, dtype=init.dtype)
-    for idx, chunk in parts:
-        out[idx] = fine_tune(adapter, chunk, init[idx], loop, to_weights)
-    return out
+def with_support(batch: TaskBatch, x: Tensor, y: Tensor, mask: Tensor) -> TaskBatch:
+    """The batch with another support set (the other fields shared, not copied)."""
+    return replace(batch, support_x=x, support_y=y, support_mask=mask)
+
+
+def with_query(batch: TaskBatch, mask: Tensor) -> TaskBatch:
+    """The batch with only the query examples of ``mask`` (a mask, no copy)."""
+    return replace(batch, query_mask=mask & batch.query_mask)
 
 
 def query_hits(
@@ -134,19 +112,22 @@ def query_hits(
     params: Tensor,
     to_weights: Weights | None = None,
     query_mask: Tensor | None = None,
+    budget: Budget | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task ``(correct, total)`` on the query split (or the examples of ``query_mask``)."""
-    to_w = to_weights or _identity
-    with torch.no_grad():
-        logits = adapter(to_w(params), batch.query_x, batch.answers, batch.answer_mask)
-    return task_correct(logits, batch.query_y, batch.query_mask if query_mask is None else query_mask)
+    tasks = batch if query_mask is None else with_query(batch, query_mask)
+    return planned_hits([tasks], [params], adapter, to_weights, "query", budget)[0]
 
 
 def query_accuracy(
-    adapter: ResidualAdapter, batch: TaskBatch, params: Tensor, to_weights: Weights | None = None
+    adapter: ResidualAdapter,
+    batch: TaskBatch,
+    params: Tensor,
+    to_weights: Weights | None = None,
+    budget: Budget | None = None,
 ) -> Tensor:
     """Per-task query accuracy (%) of the weights of ``params``."""
-    correct, total = query_hits(adapter, batch, params, to_weights)
+    correct, total = query_hits(adapter, batch, params, to_weights, budget=budget)
     return 100 * correct / total.clamp(min=1)
 
 
@@ -161,12 +142,14 @@ class ShotResult:
 
 @dataclass
 class Protocol:
-    """The evaluation protocol: which shots to run, the fine-tuning loop, the subset seed."""
+    """The evaluation protocol: which shots to run, the fine-tuning loop, the subset seed, and the memory
+    budget of its batched passes."""
 
     loop: InnerLoop = field(default_factory=InnerLoop)
     max_shots: int = 5
     full: bool = True
     seed: int = 42
+    budget: Budget = field(default_factory=Budget)
 
     def settings(self) -> list[Shots]:
         return [0] + (["full"] if self.full else []) + list(range(1, self.max_shots + 1))
@@ -184,22 +167,44 @@ class Protocol:
         ``to_weights`` maps parameters to flat adapter weights (identity when they already are weights,
         a generator for latents). Returns ``{"model", "chance", "majority"}`` dicts keyed by shots;
         chance "hits" are expected values (n/K).
+
+        Every setting's fine-tuning runs in one planned call (:func:`meta_vqa.meta.maml.adapt_tasks`):
+        the same start fine-tuned on the whole support and on each k-shot subset, so a pass through the
+        shared layers serves all settings; the query scoring of all settings is one planned call too.
         """
         init = init.detach()
         n_answers = batch.answer_mask.sum(1)
-        out: dict[str, dict[Shots, ShotResult]] = {"model": {}, "chance": {}, "majority": {}}
         all_tasks = torch.ones(len(batch), dtype=torch.bool, device=batch.device)
-        for s in shots if shots is not None else self.settings():
+        settings = list(shots if shots is not None else self.settings())
+        masks, supports = {}, {}
+        for s in settings:
             if s == 0 or s == "full":
-                smask, qmask, eligible = batch.support_mask, batch.query_mask, all_tasks
+                masks[s] = (batch.support_mask, batch.query_mask, all_tasks)
             else:
-                smask, qmask, eligible = kshot_masks(batch, int(s), self.max_shots, self.seed)
-            if s == 0:
-                params = init
-            else:
-                support = None if s == "full" else pack(batch.support_x, batch.support_y, smask)
-                params = fine_tune(adapter, batch, init, self.loop, to_weights, support)
-            correct, total = query_hits(adapter, batch, params, to_weights, qmask)
+                masks[s] = kshot_masks(batch, int(s), self.max_shots, self.seed)
+            if s == "full":
+                supports[s] = batch
+            elif s != 0:  # a mask: each bucket gathers its tasks' k-shot examples (data/batch.py)
+                supports[s] = replace(batch, support_mask=masks[s][0])
+        tuned = [s for s in settings if s != 0]
+        params = {0: init} if 0 in settings else {}
+        if tuned:
+            problems = [supports[s] for s in tuned]
+            adapted = adapt_tasks(
+                problems, [init] * len(problems), adapter, self.loop, to_weights, "support", self.budget
+            )
+            params.update(zip(tuned, adapted))
+        scored = planned_hits(
+            [with_query(batch, masks[s][1]) for s in settings],
+            [params[s] for s in settings],
+            adapter,
+            to_weights,
+            "query",
+            self.budget,
+        )
+        out: dict[str, dict[Shots, ShotResult]] = {"model": {}, "chance": {}, "majority": {}}
+        for s, (correct, total) in zip(settings, scored):
+            smask, qmask, eligible = masks[s]
             out["model"][s] = ShotResult(correct, total, eligible)
             out["chance"][s] = ShotResult(total.float() / n_answers, total, eligible)
             if s != 0:

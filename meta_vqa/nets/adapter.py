@@ -37,6 +37,18 @@ class ResidualAdapter(nn.Module):
         self.param_shapes = [(hidden, dim), (dim, hidden), (hidden,), (dim,)]
         self.num_params = 2 * dim * hidden + hidden + dim
 
+    def example_bytes(self, answers: int, dtype: torch.dtype = torch.float32) -> int:
+        """Working memory of one example in a forward and backward pass (for planning batches): the
+        hidden layer before and after the ReLU, the output, its residual sum and normalisation, the
+        logits and their loss terms, and as much again for their gradients."""
+        floats = 2 * (2 * self.hidden + 4 * self.dim + 2 * answers)
+        return floats * torch.finfo(dtype).bits // 8
+
+    def example_flops(self, answers: int) -> float:
+        """FLOPs of one example in a forward and backward pass: the two products (2·dim·hidden each), the
+        gradients with respect to the hidden layer and both weight matrices, and the answer scores."""
+        return 10.0 * self.dim * self.hidden + 6.0 * self.dim * answers
+
     def split(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views ``(W1 [.., h, d], W2 [.., d, h], b1 [.., h], b2 [.., d])`` of flat weights ``[.., D]``."""
         if w.shape[-1] != self.num_params:
@@ -83,6 +95,68 @@ class ResidualAdapter(nn.Module):
         if answer_mask is not None:
             logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
         return logits
+
+    @torch.no_grad()
+    def loss_grad(
+        self,
+        w: Tensor,
+        x: Tensor,
+        answers: Tensor,
+        answer_mask: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        divisor: float = 1.0,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-task losses, hits and the gradient of ``Σ_b loss_b / divisor`` with respect to ``w``, by hand.
+
+        The same values as :func:`task_losses` and :func:`task_correct` of :meth:`forward` and autograd's
+        gradient (up to float reassociation), without autograd: each weight gradient is one ``bmm``
+        written straight into its place in the flat layout of ``out`` ([b, D], e.g. rows of a group's
+        gradient buffer), and the fan-in scales act on the per-example activations, not on the weights.
+        First order only (no graph); ``w`` [b, D], ``x`` [b, n, d], ``labels``/``mask`` [b, n].
+
+        Returns ``(losses [b], correct [b], out)``.
+        """
+        w1, w2, b1, b2 = self.split(w)
+        a1 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.dim)
+        a2 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.hidden)
+        s = self.logit_scale
+        x = x.to(w.dtype)
+        # forward: h = relu(a1·x W1ᵀ + b1); y = a2·h W2ᵀ + b2 + x; logits = s·<y/|y|, t/|t|>
+        h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2), alpha=a1))
+        y = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2), alpha=a2).add_(x)
+        inv = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_(min=1e-12).reciprocal_()  # [b, n, 1]
+        t = F.normalize(answers.to(w.dtype), dim=-1)
+        raw = torch.bmm(y, t.transpose(1, 2)).mul_(inv * s)  # [b, n, K], finite
+        logits = raw.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
+        logp = torch.log_softmax(logits, -1)
+        ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        count = mask.sum(1)
+        losses = torch.where(mask, ce, torch.zeros_like(ce)).sum(1) / count.clamp(min=1)
+        correct = ((logits.argmax(-1) == labels) & mask).sum(1)
+        # backward: dlogits = (softmax − onehot)·mask / (count·divisor)
+        dl = logp.exp_()
+        dl.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
+        per_task = 1.0 / (count.clamp(min=1).to(dl.dtype) * divisor)
+        dl.mul_((mask.to(dl.dtype) * per_task.unsqueeze(1)).unsqueeze(-1))
+        # through the normalisation: dy = s·inv·(dl t) − inv²·(Σ_k dl_k·logit_k)·y
+        r = (dl * raw).sum(-1, keepdim=True).mul_(inv.square())
+        dy = torch.baddbmm(y.mul_(r.neg_()), dl.mul_(inv * s), t)
+        out = torch.empty_like(w) if out is None else out
+        g1, g2, gb1, gb2 = self.split(out)
+        torch.sum(dy, 1, out=gb2)
+        _scaled_into(g2, torch.bmm(dy.transpose(1, 2), h), a2)  # dW2 = a2·dyᵀ h
+        dh = torch.bmm(dy, w2).mul_(h > 0)  # dL/dpre / a2
+        torch.sum(dh, 1, out=gb1).mul_(a2)
+        _scaled_into(g1, torch.bmm(dh.transpose(1, 2), x), a1 * a2)  # dW1 = a1·a2·dhᵀ x
+        return losses, correct, out
+
+
+def _scaled_into(out: Tensor, value: Tensor, scale: float) -> None:
+    """``out = scale · value`` for ``out`` a (strided) slot of a flat weight layout: one pass. (A strided
+    ``bmm(out=...)`` can take a slow kernel, 8x for some shapes on CPU.)"""
+    torch.mul(value, scale, out=out)
 
 
 def _upcast(t: Tensor) -> Tensor:

@@ -30,9 +30,28 @@ class MLP(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.layers[-1](self.features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """The input of the output layer: ``forward(x) = features(x) @ W_outᵀ + b_out``."""
         for layer in self.layers[:-1]:
             x = self.act(layer(x))
-        return self.layers[-1](x)
+        return x
+
+    def fold_input(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The first layer after the affine map ``h ↦ h aᵀ + b`` (``a`` [in, r], ``b`` [in]) as one affine
+        map ``h ↦ h mᵀ + c``: ``m = W_1 a`` [out_1, r], ``c = W_1 b + b_1``. The same function up to float
+        reassociation; for a D-wide input (HyperCLIP's encoder reading a hypernetwork's weights) the
+        D-wide product is done once instead of twice per call and row."""
+        first = self.layers[0]
+        return first.weight @ a, first.weight @ b + first.bias
+
+    def from_first(self, pre: Tensor) -> Tensor:
+        """``forward`` given the first layer's output ``pre`` (e.g. from :meth:`fold_input`)."""
+        x = pre
+        for layer in self.layers[1:]:
+            x = layer(self.act(x))
+        return x
 
 
 class FiLMGenerator(nn.Module):

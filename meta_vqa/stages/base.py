@@ -30,7 +30,7 @@ from meta_vqa.meta.maml import InnerLoop, Split
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.hypernet import MLP, FiLMGenerator
 from meta_vqa.stages.common import grad_enabled
-from meta_vqa.stages.meta_learning import MetaLearningStage
+from meta_vqa.stages.meta_learning import MetaLearningStage, work_budget
 
 
 class BaseStage(MetaLearningStage):
@@ -49,7 +49,10 @@ class BaseStage(MetaLearningStage):
         inner_split: inner-loop data in meta-training (``query`` = the authors' reversed direction).
         outer_split: data of the outer loss; default ``query`` for ``mnet_maml`` and ``all`` (support and
             query) for the multitask variants, which have no inner loop to hold the support set for.
-        chunk_size: tasks per inner-loop chunk (bounds memory; None = the whole meta-batch at once).
+        max_chunk_mib: memory budget of one batched pass in MiB: the tasks of a batch go through the
+            shared layers together up to it, the adapter runs per bucket of tasks of similar size
+            (None: no bound).
+        chunk_size: deprecated; caps the tasks per adapter bucket (use ``max_chunk_mib``).
         max_train_examples: per meta-training step, use at most this many random support (and query)
             examples of each task (None = all, the paper's full-batch steps); a cheaper step on large tasks.
         grad_clip: max gradient norm, applied before the step (None = off).
@@ -73,6 +76,7 @@ class BaseStage(MetaLearningStage):
         first_order: bool = True,
         inner_split: Literal["support", "query"] = "support",
         outer_split: Split | None = None,
+        max_chunk_mib: float | None = 1024.0,
         chunk_size: int | None = None,
         max_train_examples: int | None = None,
         grad_clip: float | None = 10.0,
@@ -100,7 +104,10 @@ class BaseStage(MetaLearningStage):
             raise ConfigError(f"model.variant: unknown variant {variant!r}")
         train_steps = inner_steps if variant == "mnet_maml" else 0
         self.train_loop = InnerLoop(train_steps, inner_lr, first_order)
-        self.protocol = Protocol(InnerLoop(eval_steps, eval_lr, True), max_shots, True, eval_seed)
+        self.budget = work_budget(max_chunk_mib, chunk_size)
+        self.protocol = Protocol(
+            InnerLoop(eval_steps, eval_lr, True), max_shots, True, eval_seed, self.budget
+        )
         self.outer_split = outer_split or ("query" if variant == "mnet_maml" else "all")
         self.select_on = "few_shot" if variant == "mnet_maml" else "zero_shot"
         self.val_acc = nn.ModuleDict({k: MeanMetric() for k in ("zero_shot", "few_shot")})

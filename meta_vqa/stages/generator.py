@@ -24,8 +24,8 @@ from meta_vqa.data.adaptation import AdaptationBatch
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
 from meta_vqa.eval.methods import GeneratorKind
-from meta_vqa.eval.protocol import adapt_on_support, query_accuracy
-from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.eval.protocol import fine_tune, query_accuracy
+from meta_vqa.meta.maml import Budget, InnerLoop
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.stages.common import grad_enabled
 from meta_vqa.stages.distributed import GlobalBatch
@@ -51,7 +51,7 @@ class LatentGenerator:
 
     kind: ClassVar[GeneratorKind]
     adapter: ResidualAdapter
-    chunk_size: int | None = None  # tasks per fine-tuning chunk (None: all at once)
+    budget: Budget = Budget()  # memory budget of the batched fine-tuning passes
 
     @property
     def latent_dim(self) -> int:
@@ -69,6 +69,12 @@ class LatentGenerator:
     def init_latents(self, task: Tensor) -> Tensor:
         """The zero-shot (start) latent of each task ``[B, d]``."""
         raise NotImplementedError
+
+    def weight_map(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor] | None:
+        """``(features, a, b)`` with ``weights(z) = features(z) @ aᵀ + b`` (``a`` [D, r]) when the generator
+        ends in an affine layer, so a consumer of the weights can fold that layer into its own first one
+        (HyperCLIP guidance); None otherwise."""
+        return None
 
     def from_adaptation(self, hnet_latents: Tensor) -> Tensor:
         """Adaptation-dataset (HNet) latents ``[N, d_hnet]`` in this generator's latent space."""
@@ -89,13 +95,11 @@ class LatentGenerator:
     def support_latents(self, batch: TaskBatch, loop: InnerLoop | None = None) -> Tensor:
         """Each task's start latent fine-tuned on its support split (detached), in the batch's order."""
         init = self.init_latents(batch.task)
-        return adapt_on_support(
-            self.adapter, batch, init, loop or self.eval_loop, self.weights, self.chunk_size
-        )
+        return fine_tune(self.adapter, batch, init, loop or self.eval_loop, self.weights, budget=self.budget)
 
     def query_accuracy(self, z: Tensor, batch: TaskBatch) -> Tensor:
         """Per-task query accuracy (%) of the weights of latents ``z``."""
-        return query_accuracy(self.adapter, batch, z, self.weights)
+        return query_accuracy(self.adapter, batch, z, self.weights, self.budget)
 
     def predict_step(self, batch: TaskBatch | AdaptationBatch, batch_idx: int) -> dict:
         """Latents adapted on each task's support split: ``{"task", "latent", "question"}``.

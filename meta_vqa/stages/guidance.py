@@ -73,7 +73,7 @@ class GuidanceStage(L.LightningModule):
                 f"but the data has {feature_dim}-d features"
             )
         self.method = guided_method(gen.kind, self.guidance)
-        self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed)
+        self.protocol = Protocol(gen.eval_loop, max_shots, True, eval_seed, gen.budget)
         self.collector = ResultCollector()
         self.recorder = LatentRecorder()
         self.sample_training_latents = None

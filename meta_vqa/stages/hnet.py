@@ -33,7 +33,7 @@ from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.hypernet import MLP
 from meta_vqa.stages.common import grad_enabled
 from meta_vqa.stages.generator import AdaptationSource, LatentGenerator, TrainingLatents
-from meta_vqa.stages.meta_learning import MetaLearningStage
+from meta_vqa.stages.meta_learning import MetaLearningStage, work_budget
 
 
 class HNetStage(LatentGenerator, MetaLearningStage):
@@ -49,7 +49,10 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         first_order: first-order MAML (the paper) or second-order.
         inner_split: inner-loop data in meta-training.
         outer_split: data of the outer loss.
-        chunk_size: tasks per inner-loop chunk (bounds memory; None = the whole meta-batch at once).
+        max_chunk_mib: memory budget of one batched pass in MiB: the tasks of a batch go through the
+            shared layers together up to it, the adapter runs per bucket of tasks of similar size
+            (None: no bound).
+        chunk_size: deprecated; caps the tasks per adapter bucket (use ``max_chunk_mib``).
         max_train_examples: per meta-training step, use at most this many random support (and query)
             examples of each task (None = all, the paper's full-batch steps); a cheaper step on large tasks.
         grad_clip: max gradient norm, applied before the step (None = off).
@@ -72,6 +75,7 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         first_order: bool = True,
         inner_split: Literal["support", "query"] = "support",
         outer_split: Split = "query",
+        max_chunk_mib: float | None = 1024.0,
         chunk_size: int | None = None,
         max_train_examples: int | None = None,
         grad_clip: float | None = 10.0,
@@ -91,7 +95,10 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         self.hnet = MLP(latent_dim, list(hnet_hidden), self.adapter.num_params)
         self.z0 = nn.Parameter(torch.randn(latent_dim))
         self.train_loop = InnerLoop(inner_steps, inner_lr, first_order)
-        self.protocol = Protocol(InnerLoop(eval_steps, eval_lr, True), max_shots, True, eval_seed)
+        self.budget = work_budget(max_chunk_mib, chunk_size)
+        self.protocol = Protocol(
+            InnerLoop(eval_steps, eval_lr, True), max_shots, True, eval_seed, self.budget
+        )
         self.val_metrics = nn.ModuleDict(
             {k: MeanMetric() for k in ("acc_zero_shot", "acc_few_shot", "latent_norm", "latent_shift")}
         )
@@ -107,10 +114,6 @@ class HNetStage(LatentGenerator, MetaLearningStage):
     def eval_loop(self) -> InnerLoop:
         return self.protocol.loop
 
-    @property
-    def chunk_size(self) -> int | None:
-        return self.hparams.chunk_size
-
     def weights(self, z: Tensor) -> Tensor:
         """Adapter weights ``[B, D]`` of latents ``[B, d]``."""
         return self.hnet(z)
@@ -118,6 +121,10 @@ class HNetStage(LatentGenerator, MetaLearningStage):
     def init_latents(self, task: Tensor) -> Tensor:
         """The zero-shot latent of every task: z0 (graph to it kept)."""
         return self.z0.expand(task.shape[0], -1)
+
+    def weight_map(self):
+        out = self.hnet.layers[-1]
+        return self.hnet.features, out.weight, out.bias
 
     def from_adaptation(self, hnet_latents: Tensor) -> Tensor:
         return hnet_latents  # the adaptation dataset holds this generator's own latents

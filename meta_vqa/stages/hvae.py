@@ -125,6 +125,13 @@ class HVAEStage(LatentGenerator, L.LightningModule):
     def weights(self, z: Tensor) -> Tensor:
         return self.from_vae(self.vae.decode(z))
 
+    def weight_map(self):
+        dec, out = self.vae.decoder, self.vae.decoder.layers[-1]
+        if not self.hparams.normalize:
+            return dec.features, out.weight, out.bias
+        # from_vae(h aᵀ + b) = (s·h) aᵀ + (s·b + mean): the scale moves to the features
+        return lambda z: dec.features(z) * self.w_scale, out.weight, out.bias * self.w_scale + self.w_mean
+
     @torch.no_grad()
     def posterior(self, hnet_latents: Tensor) -> tuple[Tensor, Tensor]:
         """``(μ, log σ²)`` of q(z | G_θ(z_hnet)) for HNet latents ``[N, d_hnet]``."""

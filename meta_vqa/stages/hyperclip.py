@@ -15,6 +15,8 @@ Method ids ``hnet_hyperclip`` / ``hvae_hyperclip`` with ``control`` aligned | sh
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -88,22 +90,53 @@ class HyperCLIPStage(GuidanceStage):
         """cos(H_ω(w), e_q) per row; a zero question (the null description) scores 0."""
         return (self.encoder(w) * F.normalize(questions, dim=-1)).sum(-1)
 
-    def guided_latents(self, task: Tensor, questions: Tensor) -> Tensor:
+    def latent_encoder(self) -> Callable[[Tensor], Tensor]:
+        """``z ↦ H_ω(G(z))`` (unit rows) for guidance. When the generator ends in an affine layer
+        (:meth:`~meta_vqa.stages.generator.LatentGenerator.weight_map`), that layer and the encoder's
+        first one are folded into one 128 × 128 map (the same function up to float reassociation), so
+        a guidance step no longer reads the two 394,240-wide matrices per row and costs next to nothing;
+        the fold is computed once per call (no gradient to the encoder through it)."""
+        gen = self.generator
+        wmap = gen.weight_map()
+        if wmap is None:
+            return lambda z: self.encoder(gen.weights(z))
+        features, a, b = wmap
+        mlp = self.encoder.mlp
+        with torch.no_grad():
+            m, c = mlp.fold_input(a, b)
+        return lambda z: F.normalize(mlp.from_first(F.linear(features(z), m, c)), dim=-1)
+
+    def guided_latents(self, task: Tensor, questions: Tensor, noise_rows: int | None = None) -> Tensor:
         """Zero-shot latents of the tasks, guided by their descriptions: the start latent optimised to
-        maximise cos(H_ω(G(z)), e_q) (the paper's HyperCLIP guidance)."""
+        maximise cos(H_ω(G(z)), e_q) (the paper's HyperCLIP guidance), all rows at once.
+
+        ``noise_rows``: rows are stacked copies of a problem of that many rows (see :meth:`guided_controls`).
+        """
         gen, hp = self.generator, self.hparams
         z_init = gen.init_latents(task).detach()
         g = torch.Generator(device=z_init.device).manual_seed(hp.eval_seed) if hp.langevin else None
+        encode, q = self.latent_encoder(), F.normalize(questions, dim=-1)
         return optimize_latents(
             z_init,
-            lambda z: self.similarity(gen.weights(z), questions),
+            lambda z: (encode(z) * q).sum(-1),
             hp.guidance_steps,
             hp.guidance_lr,
             hp.guidance_prior,
             hp.langevin,
             hp.cosine_lr,
             g,
+            noise_rows,
         )
+
+    def guided_controls(self, batch: TaskBatch, controls: Sequence[Control] | None = None) -> dict:
+        """``{control: guided latents [B, d]}``: the controls stacked along the task axis and guided in one
+        optimisation (they are independent rows; Adam is elementwise), equal to one run per control."""
+        controls = list(controls if controls is not None else self.hparams.controls)
+        if not controls:
+            return {}
+        questions = torch.cat([control_questions(batch, c) for c in controls])
+        z = self.guided_latents(batch.task.repeat(len(controls)), questions, noise_rows=len(batch))
+        return dict(zip(controls, z.split(len(batch))))
 
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
@@ -131,7 +164,7 @@ class HyperCLIPStage(GuidanceStage):
         gen, way = self.generator, self.hparams.retrieval_way
         z = gen.support_latents(batch)
         with torch.no_grad():
-            u = self.encoder(gen.weights(z))
+            u = self.latent_encoder()(z)
             g = torch.Generator().manual_seed(self.hparams.eval_seed)
             hits = []
             for b in range(len(batch)):
@@ -164,8 +197,7 @@ class HyperCLIPStage(GuidanceStage):
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         gen = self.generator
         with grad_enabled(batch) as b:
-            for control in self.hparams.controls:
-                z = self.guided_latents(b.task, control_questions(b, control))
+            for control, z in self.guided_controls(b).items():
                 shots = None if control == "aligned" else [0]  # few-shot only for the real description
                 res = self.protocol.evaluate(gen.adapter, b, z, gen.weights, shots=shots)
                 self.record(batch, res, control, z if control == "aligned" else None)

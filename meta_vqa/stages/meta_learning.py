@@ -9,7 +9,8 @@ per-task parameters they start from (``init_params``) and in how parameters beco
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -18,24 +19,39 @@ from torch import Tensor
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
-from meta_vqa.meta.maml import InnerLoop, MetaStepStats, Split, meta_gradient
+from meta_vqa.meta.maml import Budget, InnerLoop, MetaStepStats, Split, meta_gradient
 from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
 from meta_vqa.stages.distributed import global_batch
+
+
+def work_budget(max_chunk_mib: float | None, chunk_size: int | None) -> Budget:
+    """The memory budget of the batched passes from a stage's settings; ``chunk_size`` (deprecated) still
+    caps the tasks of one adapter bucket."""
+    if chunk_size is not None:
+        warnings.warn(
+            "chunk_size is deprecated: the shared layers now take every task of a batch at once, up to "
+            "the memory budget max_chunk_mib; chunk_size only caps the tasks per adapter bucket. "
+            "Set max_chunk_mib (and chunk_size: null) instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return Budget(max_chunk_mib, max_tasks=chunk_size)
 
 
 class MetaLearningStage(L.LightningModule):
     """A stage meta-trained with batched MAML (zero inner steps: multitask training).
 
     Subclasses set ``adapter``, ``train_loop``, ``protocol``, ``outer_split``, ``method`` and ``title``, and
-    hold the hyper-parameters ``inner_split``, ``chunk_size``, ``max_train_examples``, ``grad_clip`` and
-    ``results_dir``; they implement :meth:`init_params` (and :meth:`to_weights` where the parameters are
-    not weights).
+    hold the hyper-parameters ``inner_split``, ``max_train_examples``, ``grad_clip`` and ``results_dir``
+    and the memory budget ``budget`` of the batched passes; they implement :meth:`init_params` (and
+    :meth:`to_weights` where the parameters are not weights).
     """
 
     adapter: ResidualAdapter
     train_loop: InnerLoop
     protocol: Protocol
+    budget: Budget
     outer_split: Split
     method: str
     title: str
@@ -56,14 +72,15 @@ class MetaLearningStage(L.LightningModule):
     # --- training ------------------------------------------------------------------------------------
     def meta_gradient(
         self,
-        chunks: Iterable[TaskBatch],
-        backward: Callable[[Tensor], None] = Tensor.backward,
+        tasks: TaskBatch | Sequence[TaskBatch],
+        backward: Callable[[Tensor, Tensor], None] = Tensor.backward,
         divisor: float | None = None,
     ) -> MetaStepStats:
-        """Accumulate the meta-gradient of a meta-batch given as chunks of tasks (see
-        :func:`meta_vqa.meta.maml.meta_gradient`); ``backward`` runs each chunk's backward pass."""
+        """Accumulate the meta-gradient of a meta-batch, planned by the stage's memory budget (see
+        :func:`meta_vqa.meta.maml.meta_gradient`; a list of batches: planned one by one); ``backward``
+        carries each group's gradient back (``backward(w, ∂L/∂w)``)."""
         return meta_gradient(
-            chunks,
+            tasks,
             self.init_params,
             self.to_weights,
             self.adapter,
@@ -71,7 +88,9 @@ class MetaLearningStage(L.LightningModule):
             self.hparams.inner_split,
             self.outer_split,
             backward,
+            self.budget,
             divisor,
+            self._defer_sync(),
         )
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
@@ -84,30 +103,22 @@ class MetaLearningStage(L.LightningModule):
             opt.step()
             return None
         batch = batch.subsample(hp.max_train_examples, hp.max_train_examples, self._subsample_generator())
-        chunks = batch.chunks(hp.chunk_size)
         # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
         # makes that average the mean over the whole meta-batch
-        stats = self.meta_gradient(chunks, self._chunk_backward(len(chunks)), rows.divisor)
+        stats = self.meta_gradient(batch, self.manual_backward, rows.divisor)
         opt.step()  # gradients are clipped in on_before_optimizer_step
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
         self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
         self.log_train_extras(stats)
         return stats.loss
 
-    def _chunk_backward(self, n_chunks: int) -> Callable[[Tensor], None]:
-        """``manual_backward`` per chunk; under DDP the gradients are all-reduced in the last chunk's pass
-        only. Ranks may cut their shares into different numbers of chunks, and every rank must take part
-        in the same number of all-reduces; the earlier chunks' gradients accumulate locally (``no_sync``)."""
-        strategy = self.trainer.strategy
-        calls = iter(range(n_chunks))
-
-        def backward(loss: Tensor) -> None:
-            last = next(calls) == n_chunks - 1
-            block = hasattr(strategy, "block_backward_sync") and not last
-            with strategy.block_backward_sync() if block else contextlib.nullcontext():
-                self.manual_backward(loss)
-
-        return backward
+    def _defer_sync(self) -> Callable[[], contextlib.AbstractContextManager] | None:
+        """Under DDP, the context that keeps a backward pass from all-reducing (the gradients of a
+        meta-step's earlier groups accumulate locally; the last group's pass all-reduces them)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return getattr(trainer.strategy, "block_backward_sync", None)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # inside opt.step(), after a 16-mixed gradient scaler has unscaled the gradients (clipping the
