@@ -273,3 +273,76 @@ def test_examples_gather_unpacked_masks_and_the_all_split():
     for row, t in enumerate([1, 2]):
         xs = torch.cat([batch.support_x[t][batch.support_mask[t]], batch.query_x[t][batch.query_mask[t]]])
         torch.testing.assert_close(both.x[row][both.mask[row]], xs)
+
+
+def test_under_a_cpu_autocast_the_inner_gradient_is_autograd_s_and_losses_stay_float32():
+    """Under a CPU bf16 autocast the adapter's products run in bf16 through autograd (the hand-written
+    gradient is float32-only: ``torch.is_autocast_enabled()`` alone looks at CUDA and would miss it); the
+    losses are float32 and equal those of the same autocast pass over the whole batch."""
+    from meta_vqa.meta.maml import _by_hand
+
+    torch.manual_seed(0)
+    adapter = ResidualAdapter(DIM, HIDDEN)
+    tasks = make_tasks()
+    batch = _batch_of(tasks)
+    shared = torch.nn.Linear(4, adapter.num_params)
+    p = torch.randn(len(batch), 4, requires_grad=True)
+    buckets = [
+        (slice(0, 2), batch.examples("support", slice(0, 2))),
+        (slice(2, 5), batch.examples("support", slice(2, 5))),
+    ]  # noqa: E501
+    cpu = torch.device("cpu")
+    assert _by_hand(adapter, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _by_hand(adapter, cpu)
+        values, grad = BucketedLoss(shared, adapter, buckets).value_and_grad(p)
+        whole = task_losses(adapter(shared(p), *tasks[:1], tasks[-1]), tasks[1], tasks[2])
+        (ref,) = torch.autograd.grad(whole.sum(), p)
+    assert values.dtype == torch.float32 and whole.dtype == torch.float32
+    torch.testing.assert_close(values, whole.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
+    # and the bf16 values are those of the float32 computation up to bf16 rounding
+    exact = task_losses(adapter(shared(p), *tasks[:1], tasks[-1]), tasks[1], tasks[2])
+    torch.testing.assert_close(values, exact.detach(), rtol=0.05, atol=0.05)
+
+
+def test_meta_gradient_under_autocast_scores_the_outer_loss_in_float32():
+    """bf16 hypernetwork weights: the outer losses and their gradient with respect to the weights are
+    float32 (the weights upcast, autocast off, the hand-written gradient), and ``backward`` receives the
+    weights in float32 (a 16-mixed scaler's 65536 times the weights overflows float16); the meta-gradient
+    is the float32 one up to bf16 rounding."""
+    torch.manual_seed(0)
+    adapter = ResidualAdapter(DIM, HIDDEN)
+    tasks = make_tasks()
+    batch = _batch_of(tasks)
+    shared = torch.nn.Linear(4, adapter.num_params)
+    z0 = torch.nn.Parameter(0.1 * torch.randn(4))
+    seen = []
+
+    def backward(w, g):
+        seen.append((w.dtype, g.dtype))
+        w.backward(g)
+
+    def run():
+        shared.zero_grad()
+        z0.grad = None
+        stats = meta_gradient(
+            batch,
+            lambda b: z0.expand(len(b), -1),
+            shared,
+            adapter,
+            InnerLoop(2, 0.1),
+            "support",
+            "query",
+            backward,
+        )  # noqa: E501
+        return stats, shared.weight.grad.clone(), z0.grad.clone()
+
+    s32, gw32, gz32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s16, gw16, gz16 = run()
+    assert seen[-1] == (torch.float32, torch.float32)
+    assert s16.loss.dtype == torch.float32
+    torch.testing.assert_close(s16.loss, s32.loss, rtol=0.02, atol=0.02)
+    for a, b in ((gw16, gw32), (gz16, gz32)):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

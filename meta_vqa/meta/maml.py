@@ -30,11 +30,13 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from meta_vqa.nets.adapter import task_correct, task_losses
+from meta_vqa.nets.adapter import autocast_on, task_correct, task_losses
 
 LossFn = Callable[[Tensor], Tensor]
 Split = Literal["support", "query", "all"]
 Rows = slice | Tensor  # contiguous rows, or an index tensor
+
+HALF = (torch.float16, torch.bfloat16)
 
 # Working memory of the plan, in copies of one flat weight vector per task (see Budget).
 GROUP_COPIES = 3  # a group's weights, their gradient, one temporary (e.g. a loss-scaled copy under AMP)
@@ -264,7 +266,7 @@ class BucketedLoss:
     def value_and_grad(self, p: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
         """``(losses [B] detached, d Σ losses / d p [B, P])``."""
         w = self.to_weights(p)
-        if not create_graph and _by_hand(self.adapter):
+        if not create_graph and _by_hand(self.adapter, w.device):
             g_w, w_data = torch.empty_like(w, requires_grad=False), w.detach()
             losses = torch.cat(
                 [
@@ -289,10 +291,11 @@ class BucketedLoss:
         return losses, g_p
 
 
-def _by_hand(adapter: nn.Module) -> bool:
+def _by_hand(adapter: nn.Module, device: torch.device) -> bool:
     """Whether the adapter's first-order loss and weight gradient can be taken by hand (its
-    ``loss_grad``: the same values, no autograd; not under autocast)."""
-    return hasattr(adapter, "loss_grad") and not torch.is_autocast_enabled()
+    ``loss_grad``: the same values, no autograd; not under an autocast of ``device``, where the adapter's
+    products run in half precision and its losses in float32: autograd's path)."""
+    return hasattr(adapter, "loss_grad") and not autocast_on(device)
 
 
 def _loss_and_grad(loss: LossFn | BucketedLoss, p: Tensor, create_graph: bool) -> Tensor:
@@ -579,7 +582,10 @@ def meta_gradient(
             out = outer_grad(group, w.detach(), adapter, outer_split, budget, divisor=div)
             defer = defer_sync is not None and remaining > 0
             with defer_sync() if defer else contextlib.nullcontext():
-                backward(w, out.grad)  # ∂L/∂w carried back through to_weights: one pass for the group
+                # ∂L/∂w carried back through to_weights: one pass for the group. Half-precision weights
+                # are handed over in float32 (a 16-mixed scaler multiplies the tensor by its scale, 65536:
+                # weights of a few units would overflow in float16)
+                backward(w.float() if w.dtype in HALF else w, out.grad)
             loss_sum = loss_sum + out.losses.sum()
             acc_sum = acc_sum + (out.correct / out.total.clamp(min=1)).sum()
             shift_sum = shift_sum + (adapted.detach() - start.detach()).norm(dim=-1).sum()
@@ -600,7 +606,14 @@ def outer_grad(
     tasks: Tasks, w: Tensor, adapter: nn.Module, which: Split, budget: Budget, divisor: float = 1.0
 ) -> OuterResult:
     """The losses of weights ``w`` ``[b, D]`` (no graph) on the ``which`` split, bucket by bucket (its own
-    sizes), and their gradient with respect to ``w``."""
+    sizes), and their gradient with respect to ``w``.
+
+    Half-precision weights (the hypernetwork's output under autocast) are scored in float32 with
+    autocast off: the losses are float32, and the gradient is not rounded to half precision before a
+    16-mixed gradient scaler has scaled it (small entries would underflow to zero)."""
+    if w.dtype in HALF:
+        with torch.autocast(w.device.type, enabled=False):
+            return outer_grad(tasks, w.float(), adapter, which, budget, divisor)
     k = int(tasks.answers.shape[1])
     wbytes = _weight_bytes(adapter, w.dtype)
     buckets = plan_buckets(
@@ -623,7 +636,7 @@ def outer_grad(
         rows = as_rows(sorted(positions), w.device)
         ex = tasks.examples(which, rows)
         wb = take(w, rows).detach()
-        if _by_hand(adapter):
+        if _by_hand(adapter, w.device):
             into = out.grad[rows] if isinstance(rows, slice) else None
             loss, correct, g = adapter.loss_grad(
                 wb, ex.x, ex.answers, ex.answer_mask, ex.y, ex.mask, divisor, into

@@ -79,7 +79,7 @@ class ResidualAdapter(nn.Module):
         w1, w2, b1, b2 = self.split(w)
         a1 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.dim)
         a2 = 1.0 if self.straight_through else 1.0 / math.sqrt(self.hidden)
-        x = x.to(w.dtype) if not torch.is_autocast_enabled() else x
+        x = x.to(w.dtype) if not autocast_on(w.device) else x
         h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2), alpha=a1))
         y = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2), alpha=a2) + x  # residual on the raw feature
         return F.normalize(_upcast(y), dim=-1)
@@ -157,6 +157,12 @@ def _scaled_into(out: Tensor, value: Tensor, scale: float) -> None:
     """``out = scale · value`` for ``out`` a (strided) slot of a flat weight layout: one pass. (A strided
     ``bmm(out=...)`` can take a slow kernel, 8x for some shapes on CPU.)"""
     torch.mul(value, scale, out=out)
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is active for ``device``'s type. (``torch.is_autocast_enabled()`` without an
+    argument looks at CUDA only: under a CPU autocast it says False.)"""
+    return torch.is_autocast_enabled(device.type)
 
 
 def _upcast(t: Tensor) -> Tensor:
