@@ -30,3 +30,27 @@ def test_smoke_variant_script_describes_itself():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "smoke_variant.py"), "--help"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "--reference" in out.stdout and "--tolerance" in out.stdout
+
+
+def test_profile_stages_accounts_for_the_whole_step(tmp_path):
+    """scripts/profile_stages.py on toy sizes: per stage, its categories add up to the profiled step, and
+    the padded-row fraction is that of the adapter calls' masks (between 0 and 1, none for guidance)."""
+    import json
+
+    out = tmp_path / "p.json"
+    args = ["--dim", "16", "--hidden", "4", "--latent", "8", "--tasks", "3", "--steps", "1"]
+    args += ["--guidance-tasks", "2", "--guidance-steps", "1", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_stages.py"), *args],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    res = json.loads(out.read_text())
+    assert set(res["stages"]) == {"meta", "adapt", "eval", "guidance"}
+    for name, st in res["stages"].items():
+        ms = st["ms"]
+        parts = sum(v for k, v in ms.items() if k != "padding")
+        assert abs(parts - 1e3 * st["profiled_wall_s"]) <= 1e-6 * parts + 1e-3, name
+        assert ms.get("padding", 0.0) <= ms.get("adapter", 0.0) + 1e-9
+        pad = st["padded_fraction"]
+        assert (pad is None) == (name == "guidance") and (pad is None or 0.0 <= pad < 1.0)
+        assert f"== {name}:" in run.stdout
