@@ -226,16 +226,29 @@ def profile_one(fn: Callable[[], None], D: int, pad: bool) -> dict:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as prof:
         with record_function(STEP):
             fn()
-    ms = defaultdict(float)
+    ms, by_op = defaultdict(float), defaultdict(float)
     (step,) = [ev for ev in prof.events() if ev.name == STEP]
     for ev in prof.events():
         if ev is not step and any(a is step for a in _ancestors(ev)):
-            ms[classify(ev, D)] += ev.self_cpu_time_total / 1e3
+            kind = classify(ev, D)
+            ms[kind] += ev.self_cpu_time_total / 1e3
+            if kind != "python":
+                by_op[kind, ev.name] += ev.self_cpu_time_total / 1e3
     ms["python"] += step.self_cpu_time_total / 1e3  # inside the step, outside any recorded event
     prof_wall = step.cpu_time_total / 1e6
     frac = counter.fraction if pad else None
     ms["padding"] = ms["adapter"] * frac if frac is not None else 0.0
-    return {"wall_s": wall, "profiled_wall_s": prof_wall, "ms": dict(ms), "padded_fraction": frac}
+    top = defaultdict(list)
+    for (kind, name), v in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        if len(top[kind]) < 6:
+            top[kind].append([name, round(v, 1)])
+    return {
+        "wall_s": wall,
+        "profiled_wall_s": prof_wall,
+        "ms": dict(ms),
+        "padded_fraction": frac,
+        "top_ops": dict(top),
+    }
 
 
 class _null:
@@ -257,6 +270,10 @@ def table(name: str, res: dict) -> str:
     for key, label in ROWS:
         v = res["ms"].get(key, 0.0)
         lines.append(f"{label:<28}{v:>10.0f}{100 * v / total:>7.1f}")
+    for key in ("other", "small"):
+        ops = res["top_ops"].get(key, [])[:4]
+        if ops:
+            lines.append(f"  {key}: " + ", ".join(f"{n} {v:.0f}" for n, v in ops))
     return "\n".join(lines)
 
 
