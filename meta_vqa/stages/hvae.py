@@ -36,7 +36,12 @@ from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.vae import WeightVAE, vae_loss
 from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
 from meta_vqa.stages.distributed import GlobalBatch, global_batch, sync_random_state
-from meta_vqa.stages.generator import AdaptationSource, LatentGenerator, TrainingLatents
+from meta_vqa.stages.generator import (
+    AdaptationSource,
+    LatentGenerator,
+    TrainingLatents,
+    require_unconditional,
+)
 from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
 
@@ -91,6 +96,7 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         self.optimizer_factory = optimizer
         self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=(HNetStage,))
         self.hparams["upstream"] = record
+        require_unconditional(self.hnet, f"model.upstream_ckpt {record.get('path')}")
         if self.hnet.adapter.dim != feature_dim:
             raise DataError(
                 f"{record.get('path')}: the HNet was trained on {self.hnet.adapter.dim}-d features, "
