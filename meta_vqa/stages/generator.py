@@ -104,6 +104,12 @@ class LatentGenerator:
         init = self.start_latents(batch)
         return fine_tune(self.adapter, batch, init, loop or self.eval_loop, self.weights, budget=self.budget)
 
+    def adapted_latents(self, batch: TaskBatch) -> Tensor:
+        """Support-adapted latents made the way the guidance stages' training latents are: the HNet's
+        support adaptation, mapped into this space by :meth:`from_adaptation` (the HNet: its own
+        :meth:`support_latents`)."""
+        return self.support_latents(batch)
+
     def query_accuracy(self, z: Tensor, batch: TaskBatch) -> Tensor:
         """Per-task query accuracy (%) of the weights of latents ``z``."""
         return query_accuracy(self.adapter, batch, z, self.weights, self.budget)

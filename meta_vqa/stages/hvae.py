@@ -148,6 +148,12 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         """A draw of z ~ q(z | G_θ(z_hnet)) per HNet latent (the authors' ``train_on_vae`` route)."""
         return self.vae.sample(*self.posterior(hnet_latents))
 
+    def adapted_latents(self, batch: TaskBatch) -> Tensor:
+        """A draw of q(z | G_θ(z_τ)) for the HNet's support-adapted latents z_τ: what the guidance stages
+        train on. (The HVAE's own few-shot loop from its start latent is another thing: at the paper's
+        step size it barely moves, so every task would look alike.)"""
+        return self.from_adaptation(self.hnet.support_latents(batch))
+
     @torch.no_grad()
     def training_latents(self, latents: Tensor, chunk: int = 1024) -> TrainingLatents:
         """Each use draws a fresh z ~ q(z | G_θ(z_hnet)). The posterior of every dataset latent is
