@@ -9,15 +9,15 @@ Choices: the meta-gradient is the plain mean over the meta-batch, gradients are 
 optimiser step, and the inner loop uses the support split with the outer loss on the query split
 (``inner_split: query`` / ``outer_split: support`` give the authors' reversed direction).
 
-Conditional HNet-MAML (``condition: question``, method ``cond_hnet_maml``): a baseline the paper's TMLR
-appendix names beside the conditional multitask models without saying how it is built; here the start latent
-of a task is z0 + f(e_q), f a small MLP on the task's raw question embedding, meta-learned with θ and z0. f's output layer starts at zero, so training starts
-exactly from HNet-MAML. :meth:`HNetStage.start_latents` is the one place a task's start latent is made:
-meta-training, validation, the test protocol and ``predict`` all begin there. The later stages (HVAE,
-HyperCLIP, HyperLDM) take the unconditional HNet only.
+Conditional HNet-MAML (``condition: question``, method ``cond_hnet_maml``): a baseline of the paper's TMLR
+appendix that the authors' code does not include. Here the start latent of a task is z0 + f(e_q), f a small
+MLP on the task's raw question embedding, meta-learned with θ and z0; f's output layer starts at zero, so
+training starts exactly from HNet-MAML. :meth:`HNetStage.start_latents` is the one place a task's start
+latent is made: meta-training, validation, the test protocol and ``predict`` all begin there. The later
+stages (HVAE, HyperCLIP, HyperLDM) take the unconditional HNet only.
 
-Zero-shot = G_θ(start latent); few-shot = the start latent fine-tuned on support. ``predict`` adapts z0 on the support split of
-every task of its batch; with ``data.predict_split: adaptation`` and the
+Zero-shot = G_θ(start latent); few-shot = the start latent fine-tuned on support. ``predict`` adapts it on
+the support split of every task of its batch; with ``data.predict_split: adaptation`` and the
 :class:`~meta_vqa.stages.adaptation_writer.AdaptationWriter` it writes the adaptation dataset (the
 authors' "precompute adaptation" step). The stage is a :class:`~meta_vqa.stages.generator.LatentGenerator`
 for later stages.
