@@ -21,9 +21,8 @@ GUIDANCE: tuple[str, ...] = get_args(Guidance)
 CONTROLS: tuple[str, ...] = get_args(Control)
 
 HNET_MAML = "hnet_maml"
-COND_HNET_MAML = (
-    "cond_hnet_maml"  # HNet-MAML whose start latent reads the question (hnet condition: question)
-)
+# HNet-MAML whose start latent reads the question (the hnet stage with condition: question), a baseline
+COND_HNET_MAML = "cond_hnet_maml"
 HVAE = "hvae"
 HVAE_RECON = "hvae_recon"  # the HVAE's reconstruction of support-adapted HNet weights (a diagnostic row)
 
