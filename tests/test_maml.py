@@ -308,9 +308,11 @@ def test_under_a_cpu_autocast_the_inner_gradient_is_autograd_s_and_losses_stay_f
 
 def test_meta_gradient_under_autocast_scores_the_outer_loss_in_float32():
     """bf16 hypernetwork weights: the outer losses and their gradient with respect to the weights are
-    float32 (the weights upcast, autocast off, the hand-written gradient), and ``backward`` receives the
-    weights in float32 (a 16-mixed scaler's 65536 times the weights overflows float16); the meta-gradient
+    float32 (the weights upcast, autocast off, the hand-written gradient: a bf16/fp16 gradient would be
+    rounded before a 16-mixed scaler scales it), so is the scalar handed to ``backward``; the meta-gradient
     is the float32 one up to bf16 rounding."""
+    from meta_vqa.meta.maml import outer_grad
+
     torch.manual_seed(0)
     adapter = ResidualAdapter(DIM, HIDDEN)
     tasks = make_tasks()
@@ -319,9 +321,9 @@ def test_meta_gradient_under_autocast_scores_the_outer_loss_in_float32():
     z0 = torch.nn.Parameter(0.1 * torch.randn(4))
     seen = []
 
-    def backward(w, g):
-        seen.append((w.dtype, g.dtype))
-        w.backward(g)
+    def backward(loss):
+        seen.append(loss.dtype)
+        loss.backward()
 
     def run():
         shared.zero_grad()
@@ -341,8 +343,14 @@ def test_meta_gradient_under_autocast_scores_the_outer_loss_in_float32():
     s32, gw32, gz32 = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         s16, gw16, gz16 = run()
-    assert seen[-1] == (torch.float32, torch.float32)
-    assert s16.loss.dtype == torch.float32
+        w16 = shared(z0.detach().expand(len(batch), -1))
+        out = outer_grad(batch, w16.detach(), adapter, "query", Budget())
+    assert (
+        w16.dtype == torch.bfloat16 and out.grad.dtype == torch.float32 and out.losses.dtype == torch.float32
+    )
+    ref = outer_grad(batch, w16.detach().float(), adapter, "query", Budget())  # the same in float32 outright
+    torch.testing.assert_close(out.grad, ref.grad)
+    assert seen[-1] == torch.float32 and s16.loss.dtype == torch.float32
     torch.testing.assert_close(s16.loss, s32.loss, rtol=0.02, atol=0.02)
     for a, b in ((gw16, gw32), (gz16, gz32)):
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

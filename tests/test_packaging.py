@@ -48,6 +48,10 @@ def test_environment_yml_installs_the_checkout_with_pyprojects_dependencies(proj
     assert len({_name(r) for r in reqs}) == len(reqs)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".") if x.isdigit())
+
+
 def test_dockerfile_builds_the_package_with_its_entry_point_offline_as_a_user(project):
     text = (REPO / "Dockerfile").read_text()
     lines = [
@@ -55,6 +59,12 @@ def test_dockerfile_builds_the_package_with_its_entry_point_offline_as_a_user(pr
     ]
     image = next(ln.split()[1] for ln in lines if ln.startswith("FROM "))
     assert "cuda" in image and "runtime" in image
+    if image.startswith("pytorch/pytorch:"):  # the image's torch is kept: it must meet pyproject's bound
+        torch_req = next(d for d in project["dependencies"] if _name(d) == "torch")
+        bound = re.search(r">=\s*([\d.]+)", torch_req)
+        version = image.split(":")[1].split("-")[0]
+        if bound:
+            assert _version(version) >= _version(bound.group(1)), (image, torch_req)
     env = " ".join(ln for ln in lines if ln.startswith("ENV "))
     assert "HF_HUB_OFFLINE=1" in env and "TRANSFORMERS_OFFLINE=1" in env
     copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY ")]

@@ -90,10 +90,10 @@ def test_nan_loss_mid_run_stops_maml_stage_without_a_checkpoint_after_it(
     monkeypatch.chdir(tmp_path)
     real = MetaLearningStage.meta_gradient
 
-    def poisoned(self, chunks, backward=torch.Tensor.backward, divisor=None):
-        if self.trainer.global_step == 4:  # the tensor handed to backward (the group's weights) turns NaN
-            return real(self, chunks, lambda w, grad: backward(w * float("nan"), grad), divisor)
-        return real(self, chunks, backward, divisor)
+    def poisoned(self, tasks, backward=torch.Tensor.backward, divisor=None):
+        if self.trainer.global_step == 4:  # every group's gradient becomes NaN
+            return real(self, tasks, lambda loss: backward(loss * float("nan")), divisor)
+        return real(self, tasks, backward, divisor)
 
     monkeypatch.setattr(MetaLearningStage, "meta_gradient", poisoned)
     out = tmp_path / "hnet"

@@ -30,8 +30,9 @@ BENCHES = {
 LATER: dict[str, str] = {}
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` calls), synchronising CUDA."""
+def wall_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Sorted wall times of ``repeats`` calls of ``fn`` in seconds (after ``warmup`` calls), synchronising
+    CUDA."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,7 +44,12 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
+    return sorted(times)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (after ``warmup`` calls), synchronising CUDA."""
+    times = wall_times(fn, device, repeats, warmup)
     return times[len(times) // 2]
 
 
@@ -121,17 +127,7 @@ def measure_limits(device: torch.device, mib: int = 256, n: int = 2048, repeats:
     out = torch.empty(n, n, device=device)
 
     def best(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
+        return wall_times(fn, device, repeats)[0]
 
     t_triad = best(lambda: torch.add(b, c, alpha=3.0, out=a))
     t_mm = best(lambda: torch.mm(x, y, out=out))

@@ -532,7 +532,7 @@ def meta_gradient(
     loop: InnerLoop,
     inner_split: Split,
     outer_split: Split,
-    backward: Callable[[Tensor, Tensor], None] = Tensor.backward,
+    backward: Callable[[Tensor], None] = Tensor.backward,
     budget: Budget | None = None,
     divisor: float | None = None,
     defer_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -550,8 +550,10 @@ def meta_gradient(
     Per group: the inner loop (:func:`adapt` with a :class:`BucketedLoss`: one pass through
     ``to_weights`` per step for the whole group), the adapted weights once more with their graph, the
     outer losses and their gradient with respect to those weights bucket by bucket (:func:`outer_grad`),
-    and one ``backward(w, ∂L/∂w)`` (``Tensor.backward`` or Lightning's ``manual_backward``), which carries
-    that gradient through ``to_weights`` to the meta-parameters.
+    and one ``backward`` (``Tensor.backward`` or Lightning's ``manual_backward``) of the scalar
+    ``Σ w·stop_grad(∂L/∂w)``, whose gradient with respect to ``w`` is ``∂L/∂w``: it carries that gradient
+    through ``to_weights`` to the meta-parameters. (A scalar, so that a gradient scaler scales it like a
+    loss and a non-finite check sees NaN or Inf in the group's gradient.)
 
     ``divisor`` replaces the task count in the mean: a DDP rank holding part of the meta-batch divides its
     sum by ``total tasks / ranks``, so that DDP's average of the ranks' gradients is the mean over the
@@ -582,10 +584,8 @@ def meta_gradient(
             out = outer_grad(group, w.detach(), adapter, outer_split, budget, divisor=div)
             defer = defer_sync is not None and remaining > 0
             with defer_sync() if defer else contextlib.nullcontext():
-                # ∂L/∂w carried back through to_weights: one pass for the group. Half-precision weights
-                # are handed over in float32 (a 16-mixed scaler multiplies the tensor by its scale, 65536:
-                # weights of a few units would overflow in float16)
-                backward(w.float() if w.dtype in HALF else w, out.grad)
+                # ∂L/∂w carried back through to_weights: one pass for the group
+                backward((w * out.grad).sum(dtype=torch.float32))
             loss_sum = loss_sum + out.losses.sum()
             acc_sum = acc_sum + (out.correct / out.total.clamp(min=1)).sum()
             shift_sum = shift_sum + (adapted.detach() - start.detach()).norm(dim=-1).sum()

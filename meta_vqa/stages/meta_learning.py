@@ -73,12 +73,13 @@ class MetaLearningStage(L.LightningModule):
     def meta_gradient(
         self,
         tasks: TaskBatch | Sequence[TaskBatch],
-        backward: Callable[[Tensor, Tensor], None] = Tensor.backward,
+        backward: Callable[[Tensor], None] = Tensor.backward,
         divisor: float | None = None,
     ) -> MetaStepStats:
         """Accumulate the meta-gradient of a meta-batch, planned by the stage's memory budget (see
         :func:`meta_vqa.meta.maml.meta_gradient`; a list of batches: planned one by one); ``backward``
-        carries each group's gradient back (``backward(w, ∂L/∂w)``)."""
+        carries each group's gradient back (a scalar whose gradient with respect to the group's weights is
+        the outer-loss gradient)."""
         return meta_gradient(
             tasks,
             self.init_params,
