@@ -26,19 +26,21 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from meta_vqa._quiet import quiet
 from meta_vqa.callbacks import LastCheckpoint, StopOnNonFinite
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError, DataError, MetaVQAError
 from meta_vqa.io import check_yaml
+from meta_vqa.progress import StageProgress
 from meta_vqa.stages.checkpoints import check_stage, check_weights, read_checkpoint
 from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
@@ -164,7 +166,25 @@ class MetaVQACLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+        if subcommand in ("validate", "test"):
+            kwargs["verbose"] = False  # the stages print their own results table (finish_test)
         return kwargs
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # what every stage gets whatever its YAML's callback list holds: the one-line progress display
+        # (unless the progress bar is off or another one is configured) and, when training with a logger,
+        # the learning rates in TensorBoard
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        callbacks = list(callbacks)
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks.append(StageProgress())
+        logged = config.get("logger") is not False
+        if self.subcommand == "fit" and logged and not any(isinstance(c, LearningRateMonitor) for c in given):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # sizes that follow from the dataset are linked, never typed twice in YAML
@@ -231,7 +251,9 @@ class MetaVQACLI(LightningCLI):
         if not self.config[self.subcommand].get("test_after_fit"):
             return
         ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+        )
 
 
 def run_stage(argv: list[str]) -> int:
@@ -242,8 +264,7 @@ def run_stage(argv: list[str]) -> int:
     """
     from jsonargparse import ArgumentError
 
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    quiet()
     configs = config_files(argv)
     for path in [*(default_files(configs[0]) if configs else []), *configs]:
         if path.is_file():
