@@ -322,7 +322,8 @@ class Pipeline:
         d = self.cfg.data
         if d.prepare is None:
             return None
-        return ["prepare", d.prepare, "--out", str(d.root), *d.prepare_args]
+        logs = ["--log-dir", str(self.out / "lightning_logs")] if d.prepare == "easy-vqa" else []
+        return ["prepare", d.prepare, "--out", str(d.root), *logs, *d.prepare_args]
 
     def prepare(self, counter: str = "") -> str:
         """Build the dataset if the config names a builder; the digest of its manifest."""

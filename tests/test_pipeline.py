@@ -3,6 +3,7 @@ resuming after a kill, re-running only stale stages."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,14 +225,75 @@ def test_changed_stage_config_reruns_only_that_stage_and_downstream(smoke_run, t
     assert len(stale) == 2 and all((run / "_stale" / s / "stage.json").is_file() for s in stale)
 
 
-def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
-    cfg = load_config(SMOKE, [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}"])
-    assert Pipeline(cfg, only=["hnet", "adapt"]).run(dry_run=True) == []
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert (
-        len(lines) == 2 and lines[0].startswith("meta-vqa fit -c") and lines[1].startswith("meta-vqa predict")
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _plan_rows(out: str) -> dict[str, str]:
+    """The numbered lines of a plan by step name."""
+    return {ln.split()[1]: ln.strip() for ln in out.splitlines() if re.fullmatch(r"\d+\.", ln.split()[0])}
+
+
+def test_dry_run_is_a_numbered_plan_with_each_stage_status(tmp_path, capsys):
+    from meta_vqa.pipeline import RUNNING, STAMP, stage_hash
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    over = [f"out={run}", f"data.root={data}", "base_variants=[clip_zero_shot,mnet_maml]"]
+    cfg = load_config(SMOKE, [*over, "generators=[hnet]", "guidance=[hyperclip]"])
+    # a fresh run: nothing built, every stage to run, prepare and report included
+    assert Pipeline(cfg, source="conf/smoke/pipeline.yaml").run(dry_run=True) == []
+    out = capsys.readouterr().out
+    assert out.startswith(f"meta-vqa pipeline: conf/smoke/pipeline.yaml → {run}")
+    assert "7 steps: prepare, 5 stages (random split, seed 0: 5 to run), report" in out
+    rows = _plan_rows(out)
+    assert rows["prepare"].startswith("1. prepare ") and "to build" in rows["prepare"]
+    assert rows["report"].startswith("7. report ") and rows["report"].endswith(f"meta-vqa report {run}")
+    assert all("to run" in rows[s.name] for s in plan(cfg))
+    assert not run.exists() and not data.exists()
+
+    # a run folder as a killed run leaves it: one stage done, one stale, one interrupted with a resume point
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    pipe = Pipeline(cfg)
+    digest = pipe.data_digest()
+    st = {s.name.split("/", 2)[2]: s for s in pipe.stages}
+    h = lambda name: stage_hash(st[name], {}, digest)
+    write = lambda name, file, rec: (st[name].dir.mkdir(parents=True, exist_ok=True),
+                                     (st[name].dir / file).write_text(json.dumps(rec)))  # fmt: skip
+    write("base/clip_zero_shot", STAMP, {"hash": h("base/clip_zero_shot"), "run_id": "a"})
+    write("base/mnet_maml", STAMP, {"hash": "an older config", "run_id": "b"})
+    write("hnet", RUNNING, {"hash": h("hnet")})
+    (st["hnet"].dir / "last.ckpt").write_bytes(b"")
+    write("hnet_hyperclip", STAMP, {"hash": "made from an older hnet", "run_id": "c"})
+    before = _files(tmp_path)
+    assert Pipeline(cfg, verbose=True).run(dry_run=True) == []
+    out = capsys.readouterr().out
+    assert _files(tmp_path) == before  # a plan writes nothing
+    rows = _plan_rows(out)
+    assert list(rows) == ["prepare", *(s.name for s in pipe.stages), "report"]
+    assert rows["prepare"].startswith("1. ") and "built: check, reuse" in rows["prepare"]
+    assert "done: skip" in rows["random/seed0/base/clip_zero_shot"]
+    assert "stale: re-run" in rows["random/seed0/base/mnet_maml"]
+    assert "resume from last.ckpt" in rows["random/seed0/hnet"]
+    assert "to run" in rows["random/seed0/adaptation"]  # after the hnet it waits for
+    assert "stale: re-run" in rows["random/seed0/hnet_hyperclip"]  # its hnet runs again
+    assert "(random split, seed 0: 1 done, 2 stale, 1 to resume, 1 to run)" in out
+    # short commands name the config and what differs between stages; --verbose adds the whole command
+    short = rows["random/seed0/base/mnet_maml"]
+    assert short.endswith(
+        "meta-vqa fit -c " + str(REPO / "conf/smoke/base.yaml") + " --model.init_args.variant mnet_maml …"
     )
-    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    assert "--stage_dir" not in short
+    assert sum(ln.strip().startswith("meta-vqa ") and "--stage_dir" in ln for ln in out.splitlines()) == 5
+
+
+def test_display_arguments_do_not_make_a_stage_stale(tmp_path):
+    from meta_vqa.pipeline import stage_hash
+
+    cfg = load_config(SMOKE, [f"out={tmp_path}"])
+    quiet = plan(load_config(SMOKE, [f"out={tmp_path}", "progress_bar=false"]))[1]
+    shown = plan(cfg)[1]
+    assert quiet.argv != shown.argv and stage_hash(quiet, {}, "d") == stage_hash(shown, {}, "d")
 
 
 @pytest.mark.slow
