@@ -83,7 +83,7 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def run_report(argv: list[str]) -> int:
+def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meta-vqa report",
         description="The report of a run: results tables over seeds and splits, claims, memorisation, plots.",
@@ -103,7 +103,11 @@ def run_report(argv: list[str]) -> int:
         help="dataset folder, for the question families of the latent plots (default: the run's)",
     )
     p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(argv)
     from meta_vqa.errors import MetaVQAError
     from meta_vqa.eval.report import build_report
     from meta_vqa.eval.results import load_results, render_markdown, write_results

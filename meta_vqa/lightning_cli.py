@@ -46,6 +46,57 @@ from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
 VERBS = ("fit", "validate", "test", "predict")
 DEFAULTS = "defaults.yaml"
+# the stages a YAML's model.class_path names (imported here, so `--model.help HyperLDMStage` and a short
+# `class_path: HNetStage` resolve), in pipeline order
+STAGE_MODULES = (
+    "meta_vqa.stages.base",
+    "meta_vqa.stages.hnet",
+    "meta_vqa.stages.hvae",
+    "meta_vqa.stages.hyperclip",
+    "meta_vqa.stages.hyperldm",
+)
+VERB_TEXT = {
+    "fit": "Train a stage (and with --test_after_fit true, test its best checkpoint)",
+    "validate": "Evaluate a stage on the validation tasks",
+    "test": "Zero- and few-shot evaluation of a stage on the meta-test tasks (writes results.json/.md)",
+    "predict": "Run a stage's predict step (the HNet's: the adaptation dataset, conf/<dataset>/adapt.yaml)",
+}
+
+
+def stage_classes() -> dict[str, type]:
+    """``{name: class}`` of the stages, in pipeline order."""
+    import importlib
+
+    out = {}
+    for name in STAGE_MODULES:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if attr.endswith("Stage") and isinstance(obj, type) and obj.__module__ == name:
+                out[attr] = obj
+    return out
+
+
+def help_description(verb: str) -> str:
+    """What ``meta-vqa VERB --help`` says before the options: the verb, the stage classes, examples."""
+    stages = stage_classes()
+    width = max(map(len, stages))
+    rows = "\n".join(
+        f"  {n:<{width}}  {(c.__doc__ or '').strip().splitlines()[0]}" for n, c in stages.items()
+    )
+    import textwrap
+
+    head = (
+        f"{VERB_TEXT[verb]}, from its YAML (-c conf/<dataset>/<stage>.yaml, which builds on the defaults.yaml "
+        "files of its folder and the one above) and command-line overrides of any key."
+    )
+    return (
+        f"{textwrap.fill(head, 100)}\n\n"
+        f"Stages (model.class_path, short names accepted):\n{rows}\n\n"
+        f"  meta-vqa {verb} -c conf/easy_vqa/hnet.yaml --print_config   the composed config\n"
+        f"  meta-vqa {verb} --model.help HyperLDMStage                  one stage's arguments"
+    )
+
+
 _MODEL_ARG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)")
 _WRITER = "meta_vqa.stages.adaptation_writer.AdaptationWriter"
 
@@ -68,6 +119,21 @@ def default_files(config: str | Path) -> list[Path]:
     return [p for p in chain if p.is_file() and p.resolve() != config.resolve()]
 
 
+def _help_formatter() -> type:
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        """jsonargparse's, with the description's line breaks kept (the stage list)."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return HelpFormatter
+
+
+_HelpFormatter = _help_formatter()
+
+
 class MetaVQACLI(LightningCLI):
     """``meta-vqa fit|validate|test|predict``: any stage (``model.class_path``) over the one DataModule."""
 
@@ -75,8 +141,16 @@ class MetaVQACLI(LightningCLI):
         argv = list(sys.argv[1:] if args is None else args)
         configs = config_files(argv)
         defaults = [str(p) for p in default_files(configs[0])] if configs else []
+        stage_classes()  # importable by their short names
         if kwargs.get("run", True):
-            parser_kwargs: dict[str, Any] = {verb: {"default_config_files": defaults} for verb in VERBS}
+            parser_kwargs: dict[str, Any] = {
+                verb: {
+                    "default_config_files": defaults,
+                    "description": help_description(verb),
+                    "usage": f"meta-vqa {verb} -c CONFIG.yaml [--KEY VALUE ...] [--print_config] [-h]",
+                }
+                for verb in VERBS
+            }
         else:  # no subcommands: one parser
             parser_kwargs = {"default_config_files": defaults}
         super().__init__(
@@ -94,6 +168,8 @@ class MetaVQACLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # every (sub)parser: omegaconf interpolation in YAML, errors raised so main() prints one line
         kwargs.setdefault("parser_mode", "omegaconf")
+        kwargs.setdefault("prog", "meta-vqa")
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
