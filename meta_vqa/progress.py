@@ -157,14 +157,14 @@ class StageProgress(ProgressBar):
         return text
 
     def _metrics(self, trainer) -> str:
-        items = []
-        for k, v in trainer.progress_bar_metrics.items():
-            name = k.removeprefix("train/")
-            items.append(f"{name} {_number(v)}")
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_score", None)
-        monitor = getattr(ckpt, "monitor", None)
-        if best is not None and monitor:
+        monitor = getattr(ckpt, "monitor", None) if best is not None else None
+        items = []
+        for k, v in trainer.progress_bar_metrics.items():
+            item = f"{k.removeprefix('train/')} {_number(v)}"
+            items.append(item + (f" (best {_number(best)})" if k == monitor else ""))
+        if monitor and monitor not in trainer.progress_bar_metrics:
             items.append(f"best {monitor} {_number(best)}")
         return "  ".join(items)
 

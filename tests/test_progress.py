@@ -50,7 +50,7 @@ def test_a_log_gets_one_line_per_phase_with_steps_metrics_and_time(tmp_path):
     assert len(lines) == 2, out  # nothing in between: the next update is an hour away
     fit, test = lines
     assert fit.split()[:3] == ["fit", "6/6", "steps"]
-    assert "loss " in fit and "val/acc 51.0" in fit and "best val/acc 51.0" in fit  # epochs 0, 1
+    assert "loss " in fit and "val/acc 51.0 (best 51.0)" in fit  # epochs 0 and 1 validated
     assert " in " in fit and fit.endswith("(3 trained parameters)")
     assert test.split()[:3] == ["test", "3/3", "batches"] and " in " in test
 
