@@ -308,3 +308,25 @@ def test_process_launcher_runs_each_stage_in_a_subprocess(tmp_path, monkeypatch)
         (tmp_path / "run" / "random" / "seed0" / "base" / "clip_zero_shot" / "results.json").read_text()
     )
     assert {r["method"] for r in records} >= {"clip_zero_shot", "chance"}
+
+
+def test_footer_counts_stages_and_shows_the_next_steps(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "clip").mkdir(parents=True)
+    tasks = {"is there a red shape?": {"train": [["i1", "yes"], ["i2", "no"]], "test": [["i3", "yes"]]}}
+    (data / "meta_test.json").write_text(json.dumps(tasks))
+    pipe = Pipeline(load_config(SMOKE, [f"out={run}", f"data.root={data}"]))
+    pipe.summary = [
+        {"stage": "prepare", "status": "ran", "wall_s": 1.0},
+        {"stage": "random/seed0/hnet", "status": "skipped", "wall_s": 0.0},
+        {"stage": "random/seed0/adaptation", "status": "resumed", "wall_s": 2.0},
+        {"stage": "random/seed0/hvae", "status": "ran", "wall_s": 3.0},
+        {"stage": "report", "status": "ran", "wall_s": 1.0},
+    ]
+    footer = pipe._footer(75.0).splitlines()
+    assert footer[0] == "pipeline done in 1:15: 2 stages run, 1 skipped (and prepare and report)"
+    assert f"tensorboard --logdir {run / 'lightning_logs'}" in footer[1]
+    assert footer[2].endswith(
+        f"meta-vqa generate --run {run} --question 'is there a red shape?' --answers no,yes"
+    )
+    assert footer[3].endswith(str(run / "pipeline.json"))

@@ -91,3 +91,25 @@ def test_a_guided_method_identical_to_its_generator_is_flagged():
     assert "retrieval of the task's own question 3.1 % against chance 10.0 %" in text
     healthy = [dict(r, accuracy=r["accuracy"] + 5) if r["method"] == "hvae_hyperclip" else r for r in recs]
     assert "Stages that look broken" not in claims(healthy, [dict(diag[0], retrieval_acc=60.0)])
+
+
+def test_report_logs_chance_and_majority_once_and_writes_only_under_its_folder(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from meta_vqa.eval.report import build_report
+
+    run = tmp_path / "run"
+    for stage in ("hnet", "hvae"):  # every stage writes the same reference rows
+        recs = [_rec("chance", 50.0), _rec("majority", 55.0, shots=1), _rec(f"{stage}_x", 70.0)]
+        (run / stage).mkdir(parents=True)
+        (run / stage / "results.json").write_text(json.dumps(recs))
+    before = sorted(p for p in run.rglob("*"))
+    build_report(run, tmp_path / "out", plots=False)
+    assert sorted(p for p in run.rglob("*")) == before
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert sorted(tags) == ["reference/random/chance/acc_0", "reference/random/majority/acc_1"]
+    assert [e.value for e in events.Scalars("reference/random/chance/acc_0")] == [50.0]
