@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
@@ -119,19 +120,11 @@ def default_files(config: str | Path) -> list[Path]:
     return [p for p in chain if p.is_file() and p.resolve() != config.resolve()]
 
 
-def _help_formatter() -> type:
-    from jsonargparse import DefaultHelpFormatter
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's, with the description's line breaks kept (the stage list)."""
 
-    class HelpFormatter(DefaultHelpFormatter):
-        """jsonargparse's, with the description's line breaks kept (the stage list)."""
-
-        def _fill_text(self, text: str, width: int, indent: str) -> str:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-
-    return HelpFormatter
-
-
-_HelpFormatter = _help_formatter()
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class MetaVQACLI(LightningCLI):
