@@ -88,3 +88,21 @@ def test_result_files_are_readable_by_others(tmp_path, monkeypatch):
     mio.write_text(tmp_path / "results.md", "")
     for name in ("results.json", "results.md"):  # mkstemp alone would leave them 0o600
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+def test_prepare_prints_a_short_summary_unless_asked_for_all_of_it(capsys):
+    import json
+
+    from meta_vqa.prepare import print_summary
+
+    summary = {"out": "data/easy_vqa", "reused": True, "encoder": "easyclip-minilm", "dim": 64,
+               "question_dim": 384, "counts": {"images": 5000, "tasks": 107},
+               "clip": {"retrieval_accuracy": 0.982, "train_accuracy": 0.9834, "captions": 24},
+               "statistics": {"random": {"meta_train": {"tasks": 75}}}, "wall_time_s": {"total": 3.2}}  # fmt: skip
+    print_summary(summary, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "data/easy_vqa: checked and reused in 3 s"
+    assert "images 5000, tasks 107" in lines[1]
+    assert "retrieval 98.2 % (train 98.3 %, 24 captions)" in lines[3] and len(lines) == 5
+    print_summary(summary, as_json=True)
+    assert json.loads(capsys.readouterr().out) == summary
