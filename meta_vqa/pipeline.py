@@ -1,6 +1,6 @@
 """``meta-vqa pipeline``: the whole experiment in one command, resumable.
 
-    prepare → base variants → hnet → adaptation dataset → hvae → hyperclip → hyperldm → report
+    prepare → base variants → hnet (→ cond_hnet) → adaptation dataset → hvae → hyperclip → hyperldm → report
 
 for every split and seed of a pipeline YAML (``conf/<dataset>/pipeline.yaml``). Each stage is one
 ``meta-vqa fit|test|predict`` command built from the stage's own YAML (``configs``/<stage>.yaml) plus the
@@ -46,7 +46,13 @@ from meta_vqa.slurm import Resources, emit_slurm
 
 log = logging.getLogger(__name__)
 
-STAGE_KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
+STAGE_KINDS = ("base", "hnet", "cond_hnet", "adapt", "hvae", "hyperclip", "hyperldm")
+# cond_hnet (Conditional HNet-MAML) is an HNet stage: hnet.yaml with condition: question; it takes the hnet
+# stage's `args` (the same budgets), then its own
+HNET_LIKE = {"cond_hnet": "hnet"}
+# guided stages may also get `args` of their own, after their kind's: a step size lives in its generator's
+# latent units (the HVAE's latent is far wider than the HNet's)
+GUIDED_STAGES = tuple(guided_method(g, k) for g in GENERATORS for k in GUIDANCE)
 SPLITS = ("random", "family")
 PREPARERS = ("easy-vqa", "synthetic", "meta-vqa")
 STAMP, RUNNING = "stage.json", "stage.running.json"
@@ -82,7 +88,9 @@ class PipelineConfig:
     generators: list[str] = field(default_factory=lambda: ["hnet", "hvae"])
     guidance: list[str] = field(default_factory=lambda: ["hyperclip", "hyperldm"])
     combined: bool = True  # HyperLDM also gets the HyperCLIP checkpoint (combined guidance)
-    args: dict[str, list[str]] = field(default_factory=dict)  # extra command-line arguments per stage kind
+    cond_hnet: bool = False  # also Conditional HNet-MAML (stage cond_hnet), a baseline beside hnet_maml
+    # extra command-line arguments per stage kind, then per guided stage (e.g. hvae_hyperclip)
+    args: dict[str, list[str]] = field(default_factory=dict)
     launcher: str = "inline"  # inline: stages run in this process; process: one subprocess per stage
     progress_bar: bool = True  # each stage's live progress line (meta_vqa.progress)
     keep_last: bool = False  # keep a finished stage's last.ckpt (only an interrupted stage needs it)
@@ -133,7 +141,7 @@ def _validate(cfg: PipelineConfig, path: Path) -> None:
         ("base_variants", cfg.base_variants, BASE_VARIANTS),
         ("generators", cfg.generators, GENERATORS),
         ("guidance", cfg.guidance, GUIDANCE),
-        ("args", list(cfg.args), STAGE_KINDS),
+        ("args", list(cfg.args), STAGE_KINDS + GUIDED_STAGES),
         ("launcher", [cfg.launcher], ("inline", "process")),
         ("data.prepare", [cfg.data.prepare] if cfg.data.prepare is not None else [], PREPARERS),
     ]
@@ -170,6 +178,10 @@ def _seed_plan(cfg: PipelineConfig, r: Path) -> list[tuple[str, str, str, list[s
         else:
             steps.append(("base", f"base/{v}", "fit", ["--model.init_args.variant", v, *tested], []))
     steps.append(("hnet", "hnet", "fit", tested, []))
+    if cfg.cond_hnet:  # an extra baseline; the later stages build on the unconditional hnet
+        steps.append(
+            ("cond_hnet", "cond_hnet", "fit", [*tested, "--model.init_args.condition", "question"], [])
+        )
     steps.append(("adapt", "adaptation", "predict", ["--ckpt_path", ckpt("hnet")], ["hnet"]))
     data = ["--data.adaptation", str(r / "adaptation")]
     upstream = lambda gen: [*data, "--model.init_args.upstream_ckpt", ckpt(gen)]
@@ -197,7 +209,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
             prefix = f"{split}/seed{seed}"
             for kind, name, verb, args, deps in _seed_plan(cfg, out / prefix):
-                config = configs / f"{kind}.yaml"
+                config = configs / f"{HNET_LIKE.get(kind, kind)}.yaml"
                 st = Stage(
                     f"{prefix}/{name}", kind, [], out / prefix / name, [f"{prefix}/{d}" for d in deps], config
                 )
@@ -210,7 +222,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                     common += ["--seed_everything", str(seed)]
                     common += ["--trainer.enable_progress_bar", str(cfg.progress_bar).lower()]
                     common += ["--log_dir", str(out / "lightning_logs"), "--log_name", st.name]
-                st.argv = [verb, "-c", str(config), *common, *args, *cfg.args.get(kind, [])]
+                extra = [*cfg.args.get(HNET_LIKE.get(kind, ""), []), *cfg.args.get(kind, [])]
+                if name in GUIDED_STAGES:
+                    extra += cfg.args.get(name, [])
+                st.argv = [verb, "-c", str(config), *common, *args, *extra]
                 stages.append(st)
     return stages
 
@@ -671,7 +686,8 @@ class Pipeline:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="meta-vqa pipeline",
-        description="prepare → base → hnet → adaptation → hvae → hyperclip → hyperldm → report, resumable.",
+        description="prepare → base → hnet (→ cond_hnet) → adaptation → hvae → hyperclip → hyperldm → report, "
+        "resumable.",
     )
     p.add_argument("-c", "--config", required=True, help="pipeline YAML, e.g. conf/easy_vqa/pipeline.yaml")
     p.add_argument(

@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,78 @@ def test_planned_evaluation_equals_one_setting_and_one_task_at_a_time():
     both = adapt_tasks([batch, batch], [z0, z0 + 0.1], stage.adapter, proto.loop, stage.weights)
     alone = adapt_tasks([batch], [z0 + 0.1], stage.adapter, proto.loop, stage.weights)[0]
     torch.testing.assert_close(both[1], alone, rtol=1e-9, atol=1e-12)
+
+
+# --- Conditional HNet-MAML (condition: question) -----------------------------------------------------------
+def _questions(batch: TaskBatch, seed: int = 1) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    return replace(batch, question=torch.randn(len(batch), DIM, generator=g, dtype=torch.double))
+
+
+def test_conditional_start_latent_begins_at_z0_and_the_outer_gradient_reaches_z0_theta_and_f():
+    """At initialisation z0 + f(e_q) = z0 (f's output layer is zero), so the first meta-step equals
+    HNet-MAML's; first-order, the outer gradient of task b at its adapted latent, g_b, is the gradient at its
+    start latent: z0 gets mean_b g_b, f's output bias the same, f's output weight mean_b g_b h_bᵀ
+    (h_b = f's hidden features of question b)."""
+    cond, plain = make_stage(condition="question", question_dim=DIM), make_stage()
+    assert (cond.method, plain.method) == ("cond_hnet_maml", "hnet_maml")
+    assert cond.conditional and not plain.conditional
+    batch = _questions(make_batch())
+    torch.testing.assert_close(cond.start_latents(batch), cond.z0.expand(len(batch), -1))
+    torch.testing.assert_close(cond.init_params(batch), cond.start_latents(batch))
+    cond.meta_gradient(batch)
+    plain.meta_gradient(batch)
+    for name, p in plain.named_parameters():  # θ and z0: exactly HNet-MAML's first step
+        torch.testing.assert_close(dict(cond.named_parameters())[name].grad, p.grad, msg=name)
+    assert cond.hnet.layers[0].weight.grad.abs().sum() > 0 and cond.z0.grad.abs().sum() > 0
+    out = cond.cond.layers[-1]
+    torch.testing.assert_close(out.bias.grad, cond.z0.grad)
+    per_task = []
+    for b in range(len(batch)):  # g_b: the z0 gradient of task b alone
+        one = make_stage(condition="question", question_dim=DIM)
+        one.meta_gradient(batch.select(torch.tensor([b])))
+        per_task.append(one.z0.grad)
+    h = cond.cond.features(batch.question)
+    expected = sum(torch.outer(g, h[b]) for b, g in enumerate(per_task)) / len(batch)
+    torch.testing.assert_close(out.weight.grad, expected)
+    assert out.weight.grad.abs().sum() > 0  # f is meta-learned
+
+
+def test_conditional_start_is_where_validation_test_and_fine_tuning_begin():
+    stage = make_stage(condition="question", question_dim=DIM)
+    with torch.no_grad():  # a trained f: different questions, different start latents
+        stage.cond.layers[-1].weight.normal_(generator=torch.Generator().manual_seed(2))
+    batch = _questions(make_batch())
+    start = stage.start_latents(batch).detach()
+    assert (start[0] - start[1]).abs().max() > 0 and (start[0] - stage.z0).abs().max() > 0
+    torch.testing.assert_close(stage.init_params(batch).detach(), start)  # meta-training and test
+    torch.testing.assert_close(stage.support_latents(batch, InnerLoop(0, 0.1)), start)  # few-shot, predict
+    stage.test_step(batch, 0)  # the test protocol: zero-shot = the conditional start
+    rec = {r["shots"]: r for r in stage.collector.records("random", 0) if r["method"] == "cond_hnet_maml"}
+    acc = stage.query_accuracy(start, batch)
+    assert rec[0]["accuracy"] == pytest.approx(acc.mean().item())
+    assert {0, "full"} <= set(rec)
+
+
+@pytest.mark.slow
+def test_conditional_hnet_smoke_fit_and_test(synthetic_root, tmp_path, monkeypatch):
+    """conf/smoke/hnet.yaml with condition: question trains, tests as cond_hnet_maml, and is refused as the
+    generator of the later stages (they build on the unconditional HNet)."""
+    import json
+
+    from meta_vqa.cli import main
+    from meta_vqa.errors import ConfigError
+    from meta_vqa.stages.hvae import HVAEStage
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "conf" / "smoke" / "hnet.yaml"
+    args = ["fit", "-c", str(config), "--data.root", str(synthetic_root), "--stage_dir", str(tmp_path / "c")]
+    args += ["--model.init_args.condition", "question", "--trainer.max_steps", "10"]
+    args += ["--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false"]
+    assert main([*args, "--test_after_fit", "true"]) == 0
+    records = json.loads((tmp_path / "c" / "results.json").read_text())
+    shots = {r["shots"] for r in records if r["method"] == "cond_hnet_maml"}
+    assert {0, "full", 1} <= shots and "hnet_maml" not in {r["method"] for r in records}
+    assert all(0 <= r["accuracy"] <= 100 for r in records)
+    with pytest.raises(ConfigError, match="Conditional HNet-MAML"):
+        HVAEStage(upstream_ckpt=str(tmp_path / "c" / "best.ckpt"), feature_dim=32)

@@ -27,9 +27,8 @@ def _arg(argv: list[str], key: str) -> str:
 def test_plan_hands_every_checkpoint_to_the_next_stage(tmp_path):
     cfg = load_config(EASY, [f"out={tmp_path}", "seeds=2", "splits=[random,family]"])
     stages = {s.name: s for s in plan(cfg)}
-    per_seed = (
-        5 + 1 + 1 + 1 + 2 * 2
-    )  # base variants, hnet, adaptation, hvae, {hnet,hvae} x {hyperclip,hyperldm}
+    # base variants, hnet, cond_hnet, adaptation, hvae, {hnet,hvae} x {hyperclip,hyperldm}
+    per_seed = 5 + 1 + 1 + 1 + 1 + 2 * 2
     assert len(stages) == 2 * 2 * per_seed
     r = tmp_path / "family" / "seed1"
     hnet = stages["family/seed1/hnet"].argv
@@ -49,6 +48,17 @@ def test_plan_hands_every_checkpoint_to_the_next_stage(tmp_path):
         assert _arg(ldm.argv, "--data.adaptation") == str(r / "adaptation")
         assert _arg(ldm.argv, "--model.init_args.classifier_scales") == "[1.0, 10.0]"  # from args.hyperldm
         assert set(ldm.deps) == {f"family/seed1/{d}" for d in (gen, "adaptation", f"{gen}_hyperclip")}
+    # Conditional HNet-MAML: the hnet stage's YAML with condition: question, depending on nothing
+    cond = stages["family/seed1/cond_hnet"]
+    assert cond.kind == "cond_hnet" and cond.argv[:3] == hnet[:3] and cond.deps == []
+    assert _arg(cond.argv, "--model.init_args.condition") == "question"
+    assert _arg(cond.argv, "--stage_dir") == str(r / "cond_hnet") and "--test_after_fit" in cond.argv
+    assert "--model.init_args.condition" not in hnet
+    assert all("cond_hnet" not in d for s in stages.values() for d in s.deps)  # later stages: the plain hnet
+    # per-stage arguments come after the kind's: the HVAE's guidance step in its own latent units
+    assert _arg(stages["family/seed1/hvae_hyperclip"].argv, "--model.init_args.guidance_lr") == "0.3"
+    assert _arg(stages["family/seed1/hvae_hyperclip"].argv, "--model.init_args.guidance_steps") == "200"
+    assert "--model.init_args.guidance_lr" not in stages["family/seed1/hnet_hyperclip"].argv
     clip = stages["random/seed0/base/clip_zero_shot"]
     assert clip.argv[0] == "test" and not clip.resumable
     # every stage comes after the ones it depends on
@@ -172,7 +182,7 @@ def test_smoke_pipeline_report(smoke_run):
     records = json.loads((report / "results.json").read_text())
     methods = {r["method"] for r in records}
     expected = {"chance", "majority", "clip_zero_shot", "uncond_multitask", "cond_multitask",
-                "cond_multitask_film", "mnet_maml", "hnet_maml", "hvae", "hnet_hyperclip", "hvae_hyperclip",
+                "cond_multitask_film", "mnet_maml", "hnet_maml", "cond_hnet_maml", "hvae", "hnet_hyperclip", "hvae_hyperclip",
                 "hnet_hyperldm", "hvae_hyperldm", "hnet_combined", "hvae_combined"}  # fmt: skip
     assert expected <= methods
     shots = {r["shots"] for r in records if r["method"] == "hnet_hyperldm"}
@@ -239,7 +249,7 @@ def test_dry_run_is_a_numbered_plan_with_each_stage_status(tmp_path, capsys):
 
     run, data = tmp_path / "run", tmp_path / "data"
     over = [f"out={run}", f"data.root={data}", "base_variants=[clip_zero_shot,mnet_maml]"]
-    cfg = load_config(SMOKE, [*over, "generators=[hnet]", "guidance=[hyperclip]"])
+    cfg = load_config(SMOKE, [*over, "generators=[hnet]", "guidance=[hyperclip]", "cond_hnet=false"])
     # a fresh run: nothing built, every stage to run, prepare and report included
     assert Pipeline(cfg, source="conf/smoke/pipeline.yaml").run(dry_run=True) == []
     out = capsys.readouterr().out
@@ -285,6 +295,29 @@ def test_dry_run_is_a_numbered_plan_with_each_stage_status(tmp_path, capsys):
     )
     assert "--stage_dir" not in short
     assert sum(ln.strip().startswith("meta-vqa ") and "--stage_dir" in ln for ln in out.splitlines()) == 5
+
+
+def test_cond_hnet_takes_the_hnet_arguments_then_its_own(tmp_path, capsys):
+    short = REPO / "conf" / "meta_vqa" / "pipeline_short.yaml"
+    cfg = load_config(short, [f"out={tmp_path}", "args.cond_hnet=[--trainer.max_steps,7]"])
+    stages = {s.name: s for s in plan(cfg)}
+    hnet, cond = stages["random/seed0/hnet"].argv, stages["random/seed0/cond_hnet"].argv
+    assert cond[cond.index("--trainer.max_steps") :] == [
+        *hnet[hnet.index("--trainer.max_steps") :],
+        "--trainer.max_steps",
+        "7",
+    ]
+    assert Pipeline(load_config(SMOKE, [f"out={tmp_path}"]), only=["cond_hnet"]).run(dry_run=True) == []
+    rows = _plan_rows(capsys.readouterr().out)
+    lines = [row for name, row in rows.items() if name not in ("prepare", "report")]
+    assert (
+        len(lines) == 1
+        and "smoke/hnet.yaml" in lines[0]
+        and "--model.init_args.condition question" in lines[0]
+    )
+    assert not any(
+        s.kind == "cond_hnet" for s in plan(load_config(SMOKE, [f"out={tmp_path}", "cond_hnet=false"]))
+    )
 
 
 def test_display_arguments_do_not_make_a_stage_stale(tmp_path):

@@ -93,6 +93,21 @@ def test_a_guided_method_identical_to_its_generator_is_flagged():
     assert "Stages that look broken" not in claims(healthy, [dict(diag[0], retrieval_acc=60.0)])
 
 
+def test_cond_hnet_maml_is_a_candidate_strongest_baseline_not_a_paper_baseline():
+    """Conditional HNet-MAML reads the question: the claims compare guided methods with it as the strongest
+    baseline of the table when it leads, never as one of the paper's unconditional baselines."""
+    from meta_vqa.eval.methods import BASELINES, GUIDED, METHOD_ORDER
+
+    assert METHOD_ORDER.index("cond_hnet_maml") == METHOD_ORDER.index("hnet_maml") + 1
+    assert "cond_hnet_maml" not in BASELINES + GUIDED
+    recs = [_rec("uncond_multitask", 60.0), _rec("cond_multitask", 80.0), _rec("cond_hnet_maml", 85.0)]
+    recs += [_rec("hnet_maml", 55.0), _rec("hnet_maml", 95.0, shots="full")]
+    recs += _ldm({0.0: 50.0, 1.0: 65.0}, empty=50.0)
+    text = claims(recs)
+    assert "| hnet_hyperldm γ=1 | 65.0 | +15.0 |  | -20.0 |" in text  # − cond_hnet_maml
+    assert "the strongest baseline of the table, cond_hnet_maml 85.0" in text
+
+
 def test_report_logs_chance_and_majority_once_and_writes_only_under_its_folder(tmp_path):
     import json
 

@@ -446,3 +446,36 @@ def test_guided_controls_equal_one_unfolded_run_per_control(langevin):
     assert not torch.allclose(got["aligned"], got["empty"])
     if not langevin:  # no description, no noise: the start latent
         assert torch.equal(got["empty"], gen.init_latents(batch.task).detach().expand(3, -1))
+
+
+def test_retrieval_scores_latents_made_like_the_training_latents():
+    """HyperCLIP's retrieval diagnostic on an HVAE scores draws of q(z | G_θ(z_τ)) for HNet support-adapted
+    latents z_τ, the distribution the encoder was trained on, not the HVAE start latent after the HVAE's own
+    few-shot loop (issue 15: at the paper's step size that loop leaves every task at the start)."""
+    g = torch.Generator().manual_seed(0)
+    B, S, K = 3, 5, 2
+    batch = TaskBatch(
+        task=torch.arange(B),
+        question=torch.randn(B, 5, generator=g, dtype=torch.double),
+        answers=torch.randn(B, K, 6, generator=g, dtype=torch.double),
+        answer_mask=torch.ones(B, K, dtype=torch.bool),
+        support_x=torch.randn(B, S, 6, generator=g, dtype=torch.double),
+        support_y=torch.randint(0, K, (B, S), generator=g),
+        support_mask=torch.ones(B, S, dtype=torch.bool),
+        query_x=torch.randn(B, S, 6, generator=g, dtype=torch.double),
+        query_y=torch.randint(0, K, (B, S), generator=g),
+        query_mask=torch.ones(B, S, dtype=torch.bool),
+    )
+    hvae = _tiny_hyperclip("hvae").generator
+    torch.manual_seed(3)
+    z = hvae.adapted_latents(batch)
+    torch.manual_seed(3)
+    mu, logvar = hvae.posterior(hvae.hnet.support_latents(batch))
+    torch.testing.assert_close(z, hvae.vae.sample(mu, logvar))
+    hnet = _tiny_hyperclip("hnet").generator
+    torch.testing.assert_close(hnet.adapted_latents(batch), hnet.support_latents(batch))
+    stage = _tiny_hyperclip("hvae")
+    seen = []
+    stage.generator.adapted_latents = lambda b: seen.append(b) or torch.zeros(len(b), 4, dtype=torch.double)
+    stage.retrieval_hits(batch, torch.randn(12, 5, dtype=torch.double))
+    assert seen == [batch]

@@ -21,6 +21,8 @@ GUIDANCE: tuple[str, ...] = get_args(Guidance)
 CONTROLS: tuple[str, ...] = get_args(Control)
 
 HNET_MAML = "hnet_maml"
+# HNet-MAML whose start latent reads the question (the hnet stage with condition: question), a baseline
+COND_HNET_MAML = "cond_hnet_maml"
 HVAE = "hvae"
 HVAE_RECON = "hvae_recon"  # the HVAE's reconstruction of support-adapted HNet weights (a diagnostic row)
 
@@ -33,11 +35,20 @@ def guided_method(generator: str, guidance: str) -> str:
 GUIDED: tuple[str, ...] = tuple(
     guided_method(g, k) for k in (*GUIDANCE, "combined") for g in GENERATORS
 )  # hnet_hyperclip, hvae_hyperclip, hnet_hyperldm, hvae_hyperldm, hnet_combined, hvae_combined
-# the unguided baselines a guided method must beat zero-shot (the paper's claim); cond_multitask reads the
-# question itself, so it is compared separately as the strongest conditional baseline
+# the unguided baselines a guided method must beat zero-shot (the paper's claim); cond_multitask and
+# cond_hnet_maml read the question themselves, so they enter as candidates for the strongest baseline
 BASELINES: tuple[str, ...] = ("uncond_multitask", "mnet_maml", HNET_MAML)
 DIAGNOSTIC: tuple[str, ...] = (HVAE_RECON,)
-METHOD_ORDER: tuple[str, ...] = ("chance", "majority", *BASE_VARIANTS, HNET_MAML, HVAE, HVAE_RECON, *GUIDED)
+METHOD_ORDER: tuple[str, ...] = (
+    "chance",
+    "majority",
+    *BASE_VARIANTS,
+    HNET_MAML,
+    COND_HNET_MAML,
+    HVAE,
+    HVAE_RECON,
+    *GUIDED,
+)
 
 
 def method_rank(method: str) -> int:

@@ -23,6 +23,7 @@ from torch import Tensor
 from meta_vqa.data.adaptation import AdaptationBatch
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.data.latents import LatentBatch
+from meta_vqa.errors import ConfigError
 from meta_vqa.eval.methods import GeneratorKind
 from meta_vqa.eval.protocol import fine_tune, query_accuracy
 from meta_vqa.meta.maml import Budget, InnerLoop
@@ -51,6 +52,7 @@ class LatentGenerator:
 
     kind: ClassVar[GeneratorKind]
     adapter: ResidualAdapter
+    conditional: bool = False  # a start latent that reads the question (Conditional HNet-MAML)
     budget: Budget = Budget()  # memory budget of the batched fine-tuning passes
 
     @property
@@ -69,6 +71,11 @@ class LatentGenerator:
     def init_latents(self, task: Tensor) -> Tensor:
         """The zero-shot (start) latent of each task ``[B, d]``."""
         raise NotImplementedError
+
+    def start_latents(self, batch: TaskBatch) -> Tensor:
+        """Each task's start latent ``[B, d]``, where support fine-tuning begins: :meth:`init_latents`
+        unless the generator's start reads the task's question (Conditional HNet-MAML)."""
+        return self.init_latents(batch.task)
 
     def weight_map(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor] | None:
         """``(features, a, b)`` with ``weights(z) = features(z) @ aᵀ + b`` (``a`` [D, r]) when the generator
@@ -94,8 +101,14 @@ class LatentGenerator:
     # --- shared -------------------------------------------------------------------------------------
     def support_latents(self, batch: TaskBatch, loop: InnerLoop | None = None) -> Tensor:
         """Each task's start latent fine-tuned on its support split (detached), in the batch's order."""
-        init = self.init_latents(batch.task)
+        init = self.start_latents(batch)
         return fine_tune(self.adapter, batch, init, loop or self.eval_loop, self.weights, budget=self.budget)
+
+    def adapted_latents(self, batch: TaskBatch) -> Tensor:
+        """Support-adapted latents made the way the guidance stages' training latents are: the HNet's
+        support adaptation, mapped into this space by :meth:`from_adaptation` (the HNet: its own
+        :meth:`support_latents`)."""
+        return self.support_latents(batch)
 
     def query_accuracy(self, z: Tensor, batch: TaskBatch) -> Tensor:
         """Per-task query accuracy (%) of the weights of latents ``z``."""
@@ -114,3 +127,13 @@ class LatentGenerator:
         with grad_enabled(tasks) as b:
             z = self.support_latents(b, loop)
         return {"task": tasks.task, "latent": z, "question": tasks.question}
+
+
+def require_unconditional(gen: LatentGenerator, where: str) -> None:
+    """The HVAE and the guidance stages build on the unconditional HNet: their zero-shot start is z0 and
+    their training latents are adaptations from it; a Conditional HNet-MAML is a baseline of its own."""
+    if gen.conditional:
+        raise ConfigError(
+            f"{where}: a Conditional HNet-MAML checkpoint (condition: question); the HVAE and the guidance "
+            "stages build on the unconditional HNet (condition: none)"
+        )

@@ -26,7 +26,7 @@ from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
 from meta_vqa.stages.common import finish_test, global_seed
 from meta_vqa.stages.distributed import GlobalBatch, gather_rows, sync_random_state
-from meta_vqa.stages.generator import LatentGenerator
+from meta_vqa.stages.generator import LatentGenerator, require_unconditional
 from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
 from meta_vqa.stages.hvae import HVAEStage
@@ -67,6 +67,7 @@ class GuidanceStage(L.LightningModule):
         self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=GENERATOR_STAGES)
         self.hparams["upstream"] = record
         gen = self.generator
+        require_unconditional(gen, f"model.upstream_ckpt {record.get('path')}")
         if gen.adapter.dim != feature_dim:
             raise DataError(
                 f"{record.get('path')}: the generator was trained on {gen.adapter.dim}-d features, "

@@ -9,8 +9,15 @@ Choices: the meta-gradient is the plain mean over the meta-batch, gradients are 
 optimiser step, and the inner loop uses the support split with the outer loss on the query split
 (``inner_split: query`` / ``outer_split: support`` give the authors' reversed direction).
 
-Zero-shot = G_θ(z0); few-shot = z0 fine-tuned on support. ``predict`` adapts z0 on the support split of
-every task of its batch; with ``data.predict_split: adaptation`` and the
+Conditional HNet-MAML (``condition: question``, method ``cond_hnet_maml``): a baseline of the paper's TMLR
+appendix that the authors' code does not include. Here the start latent of a task is z0 + f(e_q), f a small
+MLP on the task's raw question embedding, meta-learned with θ and z0; f's output layer starts at zero, so
+training starts exactly from HNet-MAML. :meth:`HNetStage.start_latents` is the one place a task's start
+latent is made: meta-training, validation, the test protocol and ``predict`` all begin there. The later
+stages (HVAE, HyperCLIP, HyperLDM) take the unconditional HNet only.
+
+Zero-shot = G_θ(start latent); few-shot = the start latent fine-tuned on support. ``predict`` adapts it on
+the support split of every task of its batch; with ``data.predict_split: adaptation`` and the
 :class:`~meta_vqa.stages.adaptation_writer.AdaptationWriter` it writes the adaptation dataset (the
 authors' "precompute adaptation" step). The stage is a :class:`~meta_vqa.stages.generator.LatentGenerator`
 for later stages.
@@ -26,7 +33,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.eval.methods import HNET_MAML
+from meta_vqa.errors import ConfigError
+from meta_vqa.eval.methods import COND_HNET_MAML, HNET_MAML
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.meta.maml import InnerLoop, MetaStepStats, Split
 from meta_vqa.nets.adapter import ResidualAdapter
@@ -41,7 +49,10 @@ class HNetStage(LatentGenerator, MetaLearningStage):
 
     Args:
         feature_dim: CLIP feature width (linked from the data).
-        question_dim: question-embedding width (linked from the data; unused: the HNet is unconditional).
+        question_dim: question-embedding width (linked from the data; used with ``condition: question``).
+        condition: ``none`` (HNet-MAML, the paper's unconditional model) or ``question`` (Conditional
+            HNet-MAML: the start latent z0 + f(question), f an MLP whose output layer starts at zero).
+        cond_hidden: hidden widths of f.
         adapter_hidden: the adapter's hidden width (256 in the paper: D = 394,240).
         latent_dim: size of the latent z (128).
         hnet_hidden: hidden widths of G_θ (128, 128, 128).
@@ -70,6 +81,8 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         adapter_hidden: int = 256,
         latent_dim: int = 128,
         hnet_hidden: tuple[int, ...] = (128, 128, 128),
+        condition: Literal["none", "question"] = "none",
+        cond_hidden: tuple[int, ...] = (128,),
         inner_steps: int = 10,
         inner_lr: float = 0.1,
         first_order: bool = True,
@@ -88,12 +101,19 @@ class HNetStage(LatentGenerator, MetaLearningStage):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.method, self.title = HNET_MAML, "HNet-MAML"
+        if condition not in ("none", "question"):
+            raise ConfigError(f"model.init_args.condition: {condition!r} is not one of none, question")
+        conditional = condition == "question"
+        self.method = COND_HNET_MAML if conditional else HNET_MAML
+        self.title = "Conditional HNet-MAML" if conditional else "HNet-MAML"
         self.outer_split = outer_split
         self.optimizer_factory = optimizer
         self.adapter = ResidualAdapter(feature_dim, adapter_hidden)
         self.hnet = MLP(latent_dim, list(hnet_hidden), self.adapter.num_params)
         self.z0 = nn.Parameter(torch.randn(latent_dim))
+        self.cond = MLP(question_dim, list(cond_hidden), latent_dim) if conditional else None
+        if self.cond is not None:  # f = 0 at the start: training begins exactly at HNet-MAML
+            nn.init.zeros_(self.cond.layers[-1].weight)
         self.train_loop = InnerLoop(inner_steps, inner_lr, first_order)
         self.budget = work_budget(max_chunk_mib, chunk_size)
         self.protocol = Protocol(
@@ -118,9 +138,19 @@ class HNetStage(LatentGenerator, MetaLearningStage):
         """Adapter weights ``[B, D]`` of latents ``[B, d]``."""
         return self.hnet(z)
 
+    @property
+    def conditional(self) -> bool:
+        return self.cond is not None
+
     def init_latents(self, task: Tensor) -> Tensor:
-        """The zero-shot latent of every task: z0 (graph to it kept)."""
+        """The unconditional start latent of every task: z0 (graph to it kept)."""
         return self.z0.expand(task.shape[0], -1)
+
+    def start_latents(self, batch: TaskBatch) -> Tensor:
+        """Each task's start latent (graph to the meta-parameters kept): z0, or z0 + f(question) for
+        Conditional HNet-MAML. Meta-training, validation, the test protocol and ``predict`` start here."""
+        z = self.init_latents(batch.task)
+        return z if self.cond is None else z + self.cond(batch.question.to(z.dtype))
 
     def weight_map(self):
         out = self.hnet.layers[-1]
@@ -137,7 +167,7 @@ class HNetStage(LatentGenerator, MetaLearningStage):
 
     # --- meta-learning ---------------------------------------------------------------------------------
     def init_params(self, batch: TaskBatch) -> Tensor:
-        return self.init_latents(batch.task)
+        return self.start_latents(batch)
 
     def to_weights(self, params: Tensor) -> Tensor:
         return self.weights(params)
@@ -149,7 +179,7 @@ class HNetStage(LatentGenerator, MetaLearningStage):
     # --- evaluation ----------------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         with grad_enabled(batch) as b:
-            z0 = self.init_latents(b.task).detach()
+            z0 = self.start_latents(b).detach()
             z = self.support_latents(b)
             values = {
                 "acc_zero_shot": self.query_accuracy(z0, b),  # before adaptation

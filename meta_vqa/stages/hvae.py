@@ -36,7 +36,12 @@ from meta_vqa.nets.adapter import ResidualAdapter
 from meta_vqa.nets.vae import WeightVAE, vae_loss
 from meta_vqa.stages.common import finish_test, global_seed, grad_enabled
 from meta_vqa.stages.distributed import GlobalBatch, global_batch, sync_random_state
-from meta_vqa.stages.generator import AdaptationSource, LatentGenerator, TrainingLatents
+from meta_vqa.stages.generator import (
+    AdaptationSource,
+    LatentGenerator,
+    TrainingLatents,
+    require_unconditional,
+)
 from meta_vqa.stages.handoff import attach_upstream, check_adaptation
 from meta_vqa.stages.hnet import HNetStage
 
@@ -91,6 +96,7 @@ class HVAEStage(LatentGenerator, L.LightningModule):
         self.optimizer_factory = optimizer
         self.upstream, record = attach_upstream(upstream_ckpt, upstream, expected=(HNetStage,))
         self.hparams["upstream"] = record
+        require_unconditional(self.hnet, f"model.upstream_ckpt {record.get('path')}")
         if self.hnet.adapter.dim != feature_dim:
             raise DataError(
                 f"{record.get('path')}: the HNet was trained on {self.hnet.adapter.dim}-d features, "
@@ -141,6 +147,12 @@ class HVAEStage(LatentGenerator, L.LightningModule):
     def from_adaptation(self, hnet_latents: Tensor) -> Tensor:
         """A draw of z ~ q(z | G_θ(z_hnet)) per HNet latent (the authors' ``train_on_vae`` route)."""
         return self.vae.sample(*self.posterior(hnet_latents))
+
+    def adapted_latents(self, batch: TaskBatch) -> Tensor:
+        """A draw of q(z | G_θ(z_τ)) for the HNet's support-adapted latents z_τ: what the guidance stages
+        train on. (The HVAE's own few-shot loop from its start latent is another thing: at the paper's
+        step size it barely moves, so every task would look alike.)"""
+        return self.from_adaptation(self.hnet.support_latents(batch))
 
     @torch.no_grad()
     def training_latents(self, latents: Tensor, chunk: int = 1024) -> TrainingLatents:

@@ -9,7 +9,8 @@ encoded by H_ω and matched against the normalised question embeddings with the 
 Zero-shot (guidance): starting from the generator's start latent, the latents of all test tasks are
 optimised at once to maximise cos(H_ω(G(z)), e_q) (Adam, 50 steps, lr 1e-3; optional prior term and
 Langevin noise). Few-shot starts from the guided latent. Diagnostic: 10-way task retrieval (a task's
-support-adapted weights scored against its own and 9 other tasks' questions).
+support-adapted latent, made as the training latents are, scored against its own and 9 other tasks'
+questions).
 Method ids ``hnet_hyperclip`` / ``hvae_hyperclip`` with ``control`` aligned | shuffled | empty.
 """
 
@@ -159,10 +160,11 @@ class HyperCLIPStage(GuidanceStage):
 
     # --- evaluation ----------------------------------------------------------------------------------
     def retrieval_hits(self, batch: TaskBatch, candidates: Tensor) -> Tensor:
-        """Per task: 1 if its support-adapted weights score its own question highest among ``way``
-        candidates (its own + random others from ``candidates`` [N, d_q]), else 0."""
+        """Per task: 1 if its support-adapted weights, made as the training latents are
+        (:meth:`~meta_vqa.stages.generator.LatentGenerator.adapted_latents`), score its own question
+        highest among ``way`` candidates (its own + random others from ``candidates`` [N, d_q]), else 0."""
         gen, way = self.generator, self.hparams.retrieval_way
-        z = gen.support_latents(batch)
+        z = gen.adapted_latents(batch)
         with torch.no_grad():
             u = self.latent_encoder()(z)
             g = torch.Generator().manual_seed(self.hparams.eval_seed)
