@@ -41,7 +41,9 @@ verbs:
                                   prepare → base → hnet → adaptation → hvae → hyperclip → hyperldm → report;
                                   a re-run skips finished stages and resumes an interrupted one
 
-`meta-vqa VERB --help` describes a verb's options. Logs go to lightning_logs/ (TensorBoard).
+`meta-vqa VERB --help` describes a verb's options; `meta-vqa --version` prints the version.
+Logs go to lightning_logs/ (TensorBoard: `tensorboard --logdir lightning_logs`, or RUN/lightning_logs
+for a pipeline run).
 """
 
 
@@ -52,7 +54,8 @@ def _error(msg: str) -> int:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the message (it may be swapped, e.g. by tests)."""
+    """Writes to whatever ``sys.stderr`` is at the time of the message (it may be swapped, e.g. by tests),
+    on a line of its own (a live progress line is cleared first)."""
 
     @property
     def stream(self):
@@ -61,6 +64,12 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from meta_vqa.progress import clear_line
+
+        clear_line()
+        super().emit(record)
 
 
 def _setup_logging() -> None:
@@ -74,7 +83,7 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def run_report(argv: list[str]) -> int:
+def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meta-vqa report",
         description="The report of a run: results tables over seeds and splits, claims, memorisation, plots.",
@@ -94,7 +103,11 @@ def run_report(argv: list[str]) -> int:
         help="dataset folder, for the question families of the latent plots (default: the run's)",
     )
     p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(argv)
     from meta_vqa.errors import MetaVQAError
     from meta_vqa.eval.report import build_report
     from meta_vqa.eval.results import load_results, render_markdown, write_results
@@ -125,9 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
+    if argv[0] in ("-V", "--version"):
+        from meta_vqa import __version__
+
+        print(f"meta-vqa {__version__}")
+        return 0
     verb, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging()
+    from meta_vqa._quiet import quiet
+
+    quiet()
     import yaml
 
     from meta_vqa.errors import MetaVQAError

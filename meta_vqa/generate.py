@@ -8,11 +8,16 @@ classifier guidance (``hyperclip``) — and the generator decodes it into adapte
 
 Writes a safetensors file (``weights`` [D], ``latent`` [d]; the question, answers, method, γ and the
 checkpoint in its metadata) and, given images, prints each image's answer probabilities.
+
+Works from any folder: the dataset (for its CLIP) is ``--data-root``, else the folder the checkpoint
+records if it is there, else the absolute one the run's ``pipeline.json`` records, else the recorded
+(relative) folder under one of the checkpoint's parent folders (a run inside the repository).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -28,17 +33,32 @@ METHODS = {"hyperldm": "hyperldm", "combined": "hyperldm", "hyperclip": "hypercl
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="meta-vqa generate", description="Adapter weights for a new task description."
+        prog="meta-vqa generate",
+        description="Adapter weights for a new task from its description alone (a question and its answers), "
+        "by a trained guidance stage; given images, the answer probabilities the weights give them.",
+        epilog="example: meta-vqa generate --run runs/easy_vqa --question 'is there a red shape?' "
+        "--answers yes,no --image img.png",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--run", help="a pipeline run (runs/easy_vqa; its first random-split seed) or one of its seed folders"
     )
-    src.add_argument("--ckpt", help="a HyperLDM or HyperCLIP checkpoint")
-    p.add_argument("--method", choices=sorted(METHODS), default="hyperldm")
-    p.add_argument("--generator", choices=["hnet", "hvae"], default="hnet", help="with --run (default hnet)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--answers", required=True, help="comma-separated, at least two")
+    src.add_argument("--ckpt", help="a HyperLDM or HyperCLIP checkpoint (best.ckpt of its stage folder)")
+    p.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default="hyperldm",
+        help="hyperldm: classifier-free guidance; combined: plus the HyperCLIP gradient (a HyperLDM trained "
+        "with hyperclip_ckpt); hyperclip: HyperCLIP classifier guidance alone (default hyperldm)",
+    )
+    p.add_argument(
+        "--generator",
+        choices=["hnet", "hvae"],
+        default="hnet",
+        help="with --run: whose latent space (the HNet's or the HVAE's; default hnet)",
+    )
+    p.add_argument("--question", required=True, help="the task's question, in any wording")
+    p.add_argument("--answers", required=True, help="its possible answers, comma-separated, at least two")
     p.add_argument(
         "--prompt",
         default=None,
@@ -46,12 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", nargs="*", default=[], help="images to answer with the generated weights")
     p.add_argument("--gamma", type=float, default=None, help="CFG scale (default: the checkpoint's)")
-    p.add_argument("--classifier-scale", type=float, default=1.0, help="HyperCLIP scale of `combined`")
-    p.add_argument("--samples", type=int, default=1, help="latents to draw (hyperldm, combined)")
-    p.add_argument("--rerank", choices=["hyperclip"], default=None, help="keep the best of --samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output .safetensors (default: <run>/generated/<question>)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--classifier-scale", type=float, default=1.0, help="HyperCLIP scale of `combined` (default 1)"
+    )
+    p.add_argument("--samples", type=int, default=1, help="latents to draw (hyperldm, combined; default 1)")
+    p.add_argument(
+        "--rerank",
+        choices=["hyperclip"],
+        default=None,
+        help="keep the one of --samples latents whose weights HyperCLIP matches best with the question",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output .safetensors (default: <seed folder>/generated/<question>.safetensors)",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="the dataset folder whose CLIP encodes the question (default: the run's, found from any folder)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     return p
 
 
@@ -73,18 +109,64 @@ def resolve_checkpoint(run: str | Path, method: str, generator: str) -> Path:
     raise MetaVQAError(f"{run}: no {name}/best.ckpt (train it with make run, or pass --ckpt)")
 
 
-def _answer_template(question: str, prompt: str | None) -> str:
+def _answer_template(question: str, prompt: str | None) -> tuple[str, str]:
+    """The answer template and where it came from."""
     if prompt is not None:
         if prompt.count("{}") != 1:
             raise MetaVQAError(f"--prompt {prompt!r}: needs exactly one {{}} for the answer")
-        return prompt
+        return prompt, "--prompt"
     from meta_vqa.data.easy_vqa_questions import prompt_template
     from meta_vqa.errors import DataError
 
     try:
-        return prompt_template(question)
+        return prompt_template(question), "the dataset's rule for this wording"
     except DataError:
-        return "{}"
+        return "{}", "no rule matches this wording: the answer alone; --prompt sets one"
+
+
+def shown(path: str | Path) -> str:
+    """A path relative to the working folder where it lies under it, else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def percent(p: float) -> str:
+    """A probability as a readable percentage: ``<0.1%``, ``42.3%``, ``>99.9%``."""
+    if p < 0.0005:
+        return "<0.1%"
+    if p > 0.9995:
+        return ">99.9%"
+    return f"{100 * p:.1f}%"
+
+
+def dataset_root(ckpt: Path, recorded: str | None, data_root: str | None) -> Path:
+    """The dataset folder whose ``clip/`` encodes the question (see the module docstring)."""
+    if data_root is not None:
+        if not (Path(data_root) / "clip").is_dir():
+            raise MetaVQAError(f"--data-root {data_root}: no clip/ folder there to encode the question")
+        return Path(data_root)
+    candidates = [Path(recorded)] if recorded else []
+    for parent in ckpt.resolve().parents:
+        info = parent / "pipeline.json"
+        if info.is_file():
+            try:
+                root = json.loads(info.read_text(encoding="utf-8")).get("data_root")
+            except (OSError, ValueError):
+                root = None
+            if root:
+                candidates.append(Path(root))
+            break
+    if recorded and not Path(recorded).is_absolute():
+        candidates += [parent / recorded for parent in ckpt.resolve().parents]
+    for root in candidates:
+        if (root / "clip").is_dir():
+            return root
+    raise MetaVQAError(
+        f"{ckpt}: its dataset's CLIP ({recorded}/clip) is not there to encode the question; "
+        "give the dataset folder with --data-root"
+    )
 
 
 def _slug(text: str) -> str:
@@ -136,9 +218,8 @@ def generate(args: argparse.Namespace) -> dict:
     answers = check_request(args)  # before anything is loaded or written
     device = torch.device(args.device)
     ckpt = args.ckpt if args.ckpt else resolve_checkpoint(args.run, args.method, args.generator)
-    ckpt, model, root = _load_stage(ckpt, args.method, device)
-    if root is None or not (Path(root) / "clip").is_dir():
-        raise MetaVQAError(f"{ckpt}: its dataset's CLIP ({root}/clip) is not there to encode the question")
+    ckpt, model, recorded = _load_stage(ckpt, args.method, device)
+    root = dataset_root(Path(ckpt), recorded, args.data_root)
 
     from meta_vqa.data.encode import encode_images, encode_texts, load_images
     from meta_vqa.data.tasks import fill_prompt
@@ -146,7 +227,7 @@ def generate(args: argparse.Namespace) -> dict:
 
     clip = load_clip(root)
     clip.model.to(device)
-    template = _answer_template(args.question, args.prompt)
+    template, template_source = _answer_template(args.question, args.prompt)
     q = encode_texts(clip.model, clip.tokenizer, [args.question], progress=False).to(device)
     prompts = [fill_prompt(template, a) for a in answers]
     answer_feats = encode_texts(clip.model, clip.tokenizer, prompts, progress=False).to(device)
@@ -197,7 +278,8 @@ def generate(args: argparse.Namespace) -> dict:
     save_file({"weights": w.contiguous().cpu(), "latent": z.contiguous().cpu()}, str(tmp), metadata=meta)
     tmp.replace(out)
 
-    result = {"out": str(out), "meta": meta, "images": {}}
+    result = {"out": str(out), "meta": meta, "images": {}, "template_source": template_source}
+    result["data_root"] = str(root)
     if args.image:
         paths = {str(p): p for p in args.image}
         pixels = load_images(paths, clip.config.image_size, progress=False)
@@ -214,8 +296,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     res = generate(args)
     m = res["meta"]
-    print(f"{m['method']} weights for {m['question']!r} (γ={m['gamma'] or '-'}) -> {res['out']}")
+    print(f"{m['method']} weights for {m['question']!r} (γ={m['gamma'] or '-'}) -> {shown(res['out'])}")
+    print(f"answer template: {m['answer_template']!r} ({res['template_source']})")
     for path, probs in res["images"].items():
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
-        print(f"{path}: " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in ranked))
+        print(f"{shown(path)}: " + ", ".join(f"{a} {percent(v)}" for a, v in ranked))
     return 0

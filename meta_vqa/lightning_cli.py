@@ -26,24 +26,78 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from meta_vqa._quiet import quiet
 from meta_vqa.callbacks import LastCheckpoint, StopOnNonFinite
 from meta_vqa.data.datamodule import MetaVQADataModule
 from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError, DataError, MetaVQAError
 from meta_vqa.io import check_yaml
+from meta_vqa.progress import StageProgress
 from meta_vqa.stages.checkpoints import check_stage, check_weights, read_checkpoint
 from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
 VERBS = ("fit", "validate", "test", "predict")
 DEFAULTS = "defaults.yaml"
+# the stages a YAML's model.class_path names (imported here, so `--model.help HyperLDMStage` and a short
+# `class_path: HNetStage` resolve), in pipeline order
+STAGE_MODULES = (
+    "meta_vqa.stages.base",
+    "meta_vqa.stages.hnet",
+    "meta_vqa.stages.hvae",
+    "meta_vqa.stages.hyperclip",
+    "meta_vqa.stages.hyperldm",
+)
+VERB_TEXT = {
+    "fit": "Train a stage (and with --test_after_fit true, test its best checkpoint)",
+    "validate": "Evaluate a stage on the validation tasks",
+    "test": "Zero- and few-shot evaluation of a stage on the meta-test tasks (writes results.json/.md)",
+    "predict": "Run a stage's predict step (the HNet's: the adaptation dataset, conf/<dataset>/adapt.yaml)",
+}
+
+
+def stage_classes() -> dict[str, type]:
+    """``{name: class}`` of the stages, in pipeline order."""
+    import importlib
+
+    out = {}
+    for name in STAGE_MODULES:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if attr.endswith("Stage") and isinstance(obj, type) and obj.__module__ == name:
+                out[attr] = obj
+    return out
+
+
+def help_description(verb: str) -> str:
+    """What ``meta-vqa VERB --help`` says before the options: the verb, the stage classes, examples."""
+    stages = stage_classes()
+    width = max(map(len, stages))
+    rows = "\n".join(
+        f"  {n:<{width}}  {(c.__doc__ or '').strip().splitlines()[0]}" for n, c in stages.items()
+    )
+    import textwrap
+
+    head = (
+        f"{VERB_TEXT[verb]}, from its YAML (-c conf/<dataset>/<stage>.yaml, which builds on the defaults.yaml "
+        "files of its folder and the one above) and command-line overrides of any key."
+    )
+    return (
+        f"{textwrap.fill(head, 100)}\n\n"
+        f"Stages (model.class_path, short names accepted):\n{rows}\n\n"
+        f"  meta-vqa {verb} -c conf/easy_vqa/hnet.yaml --print_config   the composed config\n"
+        f"  meta-vqa {verb} --model.help HyperLDMStage                  one stage's arguments"
+    )
+
+
 _MODEL_ARG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)")
 _WRITER = "meta_vqa.stages.adaptation_writer.AdaptationWriter"
 
@@ -66,6 +120,13 @@ def default_files(config: str | Path) -> list[Path]:
     return [p for p in chain if p.is_file() and p.resolve() != config.resolve()]
 
 
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's, with the description's line breaks kept (the stage list)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 class MetaVQACLI(LightningCLI):
     """``meta-vqa fit|validate|test|predict``: any stage (``model.class_path``) over the one DataModule."""
 
@@ -73,8 +134,16 @@ class MetaVQACLI(LightningCLI):
         argv = list(sys.argv[1:] if args is None else args)
         configs = config_files(argv)
         defaults = [str(p) for p in default_files(configs[0])] if configs else []
+        stage_classes()  # importable by their short names
         if kwargs.get("run", True):
-            parser_kwargs: dict[str, Any] = {verb: {"default_config_files": defaults} for verb in VERBS}
+            parser_kwargs: dict[str, Any] = {
+                verb: {
+                    "default_config_files": defaults,
+                    "description": help_description(verb),
+                    "usage": f"meta-vqa {verb} -c CONFIG.yaml [--KEY VALUE ...] [--print_config] [-h]",
+                }
+                for verb in VERBS
+            }
         else:  # no subcommands: one parser
             parser_kwargs = {"default_config_files": defaults}
         super().__init__(
@@ -92,6 +161,8 @@ class MetaVQACLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # every (sub)parser: omegaconf interpolation in YAML, errors raised so main() prints one line
         kwargs.setdefault("parser_mode", "omegaconf")
+        kwargs.setdefault("prog", "meta-vqa")
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
@@ -164,7 +235,25 @@ class MetaVQACLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+        if subcommand in ("validate", "test"):
+            kwargs["verbose"] = False  # the stages print their own results table (finish_test)
         return kwargs
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # what every stage gets whatever its YAML's callback list holds: the one-line progress display
+        # (unless the progress bar is off or another one is configured) and, when training with a logger,
+        # the learning rates in TensorBoard
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        callbacks = list(callbacks)
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks.append(StageProgress())
+        logged = config.get("logger") is not False
+        if self.subcommand == "fit" and logged and not any(isinstance(c, LearningRateMonitor) for c in given):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # sizes that follow from the dataset are linked, never typed twice in YAML
@@ -231,7 +320,9 @@ class MetaVQACLI(LightningCLI):
         if not self.config[self.subcommand].get("test_after_fit"):
             return
         ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+        )
 
 
 def run_stage(argv: list[str]) -> int:
@@ -242,8 +333,7 @@ def run_stage(argv: list[str]) -> int:
     """
     from jsonargparse import ArgumentError
 
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    quiet()
     configs = config_files(argv)
     for path in [*(default_files(configs[0]) if configs else []), *configs]:
         if path.is_file():

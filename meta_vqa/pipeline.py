@@ -56,6 +56,14 @@ GUIDED_STAGES = tuple(guided_method(g, k) for g in GENERATORS for k in GUIDANCE)
 SPLITS = ("random", "family")
 PREPARERS = ("easy-vqa", "synthetic", "meta-vqa")
 STAMP, RUNNING = "stage.json", "stage.running.json"
+# arguments that change what a stage shows, not what it computes: left out of its hash
+DISPLAY_ARGS = ("--trainer.enable_progress_bar",)
+# the hand-off arguments every stage gets from the plan; the short form of a command leaves them out
+PLUMBING = (
+    "--data.root", "--data.split", "--stage_dir", "--seed_everything", "--log_dir", "--log_name",
+    "--test_after_fit", "--ckpt_path", "--data.adaptation", "--model.init_args.upstream_ckpt",
+    "--model.init_args.hyperclip_ckpt", *DISPLAY_ARGS,
+)  # fmt: skip
 HPC_CKPT = "hpc_ckpt_*.ckpt"  # what Lightning saves on SLURM's time-limit signal (SLURMEnvironment)
 
 
@@ -84,7 +92,7 @@ class PipelineConfig:
     # extra command-line arguments per stage kind, then per guided stage (e.g. hvae_hyperclip)
     args: dict[str, list[str]] = field(default_factory=dict)
     launcher: str = "inline"  # inline: stages run in this process; process: one subprocess per stage
-    progress_bar: bool = False
+    progress_bar: bool = True  # each stage's live progress line (meta_vqa.progress)
     keep_last: bool = False  # keep a finished stage's last.ckpt (only an interrupted stage needs it)
     report: bool = True
     title: str = "Meta-VQA meta-test results"
@@ -236,7 +244,8 @@ def stage_hash(stage: Stage, upstream_runs: dict[str, str], data_digest: str) ->
     from meta_vqa.lightning_cli import default_files
 
     h = hashlib.sha256()
-    h.update(json.dumps([stage.argv, upstream_runs, data_digest], sort_keys=True).encode())
+    argv = _without(stage.argv, DISPLAY_ARGS)
+    h.update(json.dumps([argv, upstream_runs, data_digest], sort_keys=True).encode())
     if stage.config is not None and stage.config.is_file():
         for path in [*default_files(stage.config), stage.config]:
             h.update(path.read_bytes())
@@ -283,9 +292,36 @@ def _shell(argv: list[str]) -> str:
     return "meta-vqa " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _without(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``argv`` without the ``--key value`` pairs of ``keys``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in keys:
+            skip = True
+        elif not a.startswith(tuple(f"{k}=" for k in keys)):
+            out.append(a)
+    return out
+
+
+def short_command(argv: list[str]) -> str:
+    """A stage's command without the hand-off arguments the plan adds to every stage (``…`` marks them)."""
+    kept = _without(argv, PLUMBING)
+    return _shell(kept) + (" …" if len(kept) < len(argv) else "")
+
+
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, only: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        only: list[str] | None = None,
+        source: str | None = None,
+        verbose: bool = False,
+    ):
         self.cfg = cfg
+        self.source = source  # the pipeline YAML, for the header
+        self.verbose = verbose  # print each stage's whole command
         self.out = Path(cfg.out)
         self.stages = plan(cfg)
         if only:
@@ -297,15 +333,22 @@ class Pipeline:
             self.stages = [s for s in self.stages if s.kind in only]
         self.summary: list[dict] = []
 
-    def prepare(self) -> str:
+    def prepare_argv(self) -> list[str] | None:
+        d = self.cfg.data
+        if d.prepare is None:
+            return None
+        logs = ["--log-dir", str(self.out / "lightning_logs")] if d.prepare == "easy-vqa" else []
+        return ["prepare", d.prepare, "--out", str(d.root), *logs, *d.prepare_args]
+
+    def prepare(self, counter: str = "") -> str:
         """Build the dataset if the config names a builder; the digest of its manifest."""
         d = self.cfg.data
         root = Path(d.root)
         if d.prepare is not None:
             t0 = time.time()
-            rc = _launch(
-                ["prepare", d.prepare, "--out", str(root), *d.prepare_args], self.cfg.launcher, "prepare"
-            )
+            argv = self.prepare_argv()
+            log.info("%s prepare  %s", counter, _shell(argv))
+            rc = _launch(argv, self.cfg.launcher, "prepare")
             if rc != 0:
                 raise MetaVQAError(
                     f"pipeline: `meta-vqa prepare {d.prepare} --out {root}` failed (exit {rc})"
@@ -350,32 +393,168 @@ class Pipeline:
             raise MetaVQAError(f"pipeline: {st.dir / RUNNING} is missing; the stage's job did not begin here")
         return self.finish_stage(st, running["hash"])
 
+    # --- the plan and what a run would do ------------------------------------------------------------
+    def statuses(self) -> dict[str, str]:
+        """What a run would do with each stage, from the files on disk: ``done`` (skipped), ``stale``
+        (its config, data or an upstream stage changed: re-run), ``resume`` (from its ``last.ckpt``),
+        ``redo`` (an interrupted run with another config: re-run) or ``run``."""
+        hashes = self.stage_hashes(self.data_digest())
+        out = {}
+        for st in self.stages:
+            h = hashes[st.name]
+            done, running = _read_json(st.dir / STAMP), _read_json(st.dir / RUNNING)
+            if done is not None:
+                out[st.name] = "done" if h is not None and done.get("hash") == h else "stale"
+            elif running is not None and h is not None and running.get("hash") != h:
+                out[st.name] = "redo"
+            elif (
+                running is not None
+                and h is not None
+                and ((st.resumable and resume_point(st.dir) is not None) or st.kind == "adapt")
+            ):
+                out[st.name] = "resume"
+            else:
+                out[st.name] = "run"
+        return out
+
+    def steps(self) -> list[tuple[str, str, list[str] | None]]:
+        """Every step of a run in order, ``(name, status, argv)``: prepare, the stages, the report."""
+        statuses = self.statuses()
+        steps: list[tuple[str, str, list[str] | None]] = []
+        prep = self.prepare_argv()
+        if prep is not None:
+            built = (Path(self.cfg.data.root) / "dataset.json").is_file()
+            steps.append(("prepare", "check" if built else "build", prep))
+        for st in self.stages:
+            steps.append((st.name, statuses[st.name], st.argv))
+        if self.cfg.report:
+            steps.append(("report", "write", ["report", str(self.out)]))
+        return steps
+
+    def _status_text(self, name: str, status: str) -> str:
+        st = next((s for s in self.stages if s.name == name), None)
+        ckpt = resume_point(st.dir) if st is not None and status == "resume" else None
+        return {
+            "done": "done: skip",
+            "stale": "stale: re-run",
+            "redo": "interrupted, other config: re-run",
+            "resume": f"resume from {ckpt.name}" if ckpt else "resume (finished parts kept)",
+            "run": "to run",
+            "check": "built: check, reuse",
+            "build": "to build",
+            "write": "to write",
+        }.get(status, status)
+
+    def print_plan(self) -> None:
+        """``--dry-run``: the numbered steps with what a run would do with each, and their commands (whole
+        with ``--verbose``); nothing is run or written."""
+        steps = self.steps()
+        print(self._header(steps))
+        width = max(len(n) for n, _, _ in steps)
+        digits = len(str(len(steps)))
+        for i, (name, status, argv) in enumerate(steps, 1):
+            cmd = _shell(argv) if name in ("prepare", "report") else short_command(argv)
+            print(f"{i:>{digits}}. {name:<{width}}  {self._status_text(name, status):<22} {cmd}")
+            if self.verbose and name not in ("prepare", "report"):
+                print(f"{' ' * (digits + 2)}{_shell(argv)}")
+        if not self.verbose:
+            print("(… : the hand-off arguments every stage gets; --verbose prints whole commands)")
+
+    def _header(self, steps: list[tuple[str, str, list[str] | None]]) -> str:
+        cfg = self.cfg
+        seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+        seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}"
+        source = f"{self.source} → " if self.source else ""
+        counts: dict[str, int] = {}
+        for name, status, _ in steps:
+            if name not in ("prepare", "report"):
+                counts[status] = counts.get(status, 0) + 1
+        words = {"run": "to run", "done": "done", "resume": "to resume", "stale": "stale", "redo": "to redo"}
+        todo = ", ".join(f"{n} {words[k]}" for k, n in counts.items())
+        return (
+            f"meta-vqa pipeline: {source}{cfg.out}\n"
+            f"   {len(steps)} steps: {'prepare, ' if cfg.data.prepare else ''}{len(self.stages)} stages "
+            f"({', '.join(cfg.splits)} split{'s' if len(cfg.splits) > 1 else ''}, {seed_text}: {todo})"
+            f"{', report' if cfg.report else ''}\n"
+            f"   watch it: tensorboard --logdir {Path(cfg.out) / 'lightning_logs'}"
+        )
+
     def run(self, dry_run: bool = False) -> list[dict]:
         if dry_run:
-            for st in self.stages:
-                print(_shell(st.argv))
+            self.print_plan()
             return []
         t_start = time.time()
-        digest = self.prepare()
+        steps = self.steps()
+        log.info("%s", self._header(steps))
+        n, i = len(steps), 0
+        counter = lambda: f"[{i}/{n}]"
+        if self.cfg.data.prepare is not None:
+            i += 1
+        digest = self.prepare(counter())
         run_ids: dict[str, str] = {}
-        for i, st in enumerate(self.stages, 1):
+        for st in self.stages:
+            i += 1
             missing = [d for d in st.deps if d not in run_ids and not self._finished_elsewhere(d, run_ids)]
             if missing:
                 raise MetaVQAError(f"pipeline: stage {st.name} needs {missing[0]}, which is not finished")
             h = stage_hash(st, {d: run_ids[d] for d in st.deps}, digest)
-            run_ids[st.name] = self._run_stage(st, h, f"[{i}/{len(self.stages)}]")
+            run_ids[st.name] = self._run_stage(st, h, counter())
             self._write_summary(t_start)
         if self.cfg.report:
             from meta_vqa.eval.report import build_report
 
+            i += 1
+            log.info("%s report  %s", counter(), self.out / "report")
             t0 = time.time()
             build_report(
                 self.out, self.out / "report", self.cfg.title, self.cfg.data.root,
-                tensorboard_dir=self.out / "lightning_logs" / "report", echo=True,
+                tensorboard_dir=self.out / "lightning_logs" / "report", echo="claims",
             )  # fmt: skip
             self.summary.append({"stage": "report", "status": "ran", "wall_s": round(time.time() - t0, 1)})
         self._write_summary(t_start)
+        log.info("%s", self._footer(time.time() - t_start))
         return self.summary
+
+    def _footer(self, wall: float) -> str:
+        from meta_vqa.progress import duration
+
+        stages = [s for s in self.summary if s["stage"] not in ("prepare", "report")]
+        ran = sum(s["status"] != "skipped" for s in stages)
+        extra = [x for x in ("prepare", "report") if any(s["stage"] == x for s in self.summary)]
+        lines = [
+            f"pipeline done in {duration(wall)}: {ran} stage{'s' if ran != 1 else ''} run, "
+            f"{len(stages) - ran} skipped" + (f" (and {' and '.join(extra)})" if extra else "")
+        ]
+        report = self.out / "report" / "results.md"
+        if self.cfg.report and report.is_file():
+            plots = len(list(report.parent.glob("*.png")))
+            lines.append(f"   report:       {report}" + (f" ({plots} plots beside it)" if plots else ""))
+        lines.append(f"   TensorBoard:  tensorboard --logdir {self.out / 'lightning_logs'}")
+        example = self._generate_example()
+        if example:
+            lines.append(f"   generate:     {example}")
+        lines.append(f"   summary:      {self.out / 'pipeline.json'}")
+        return "\n".join(lines)
+
+    def _generate_example(self) -> str | None:
+        """A ``meta-vqa generate`` command for one of the run's meta-test questions (None where the run
+        has no HyperLDM or the dataset no CLIP to encode a question)."""
+        import shlex
+
+        root = Path(self.cfg.data.root)
+        if "hyperldm" not in self.cfg.guidance or not (root / "clip").is_dir():
+            return None
+        tasks = _read_json(root / "meta_test.json") or {}
+        if not tasks:
+            return None
+        question, task = next(iter(tasks.items()))
+        answers = sorted({a for part in task.values() if isinstance(part, list) for _, a in part})
+        if len(answers) < 2 or len(answers) > 6:
+            return None
+        return (
+            f"meta-vqa generate --run {shlex.quote(str(self.out))} --question {shlex.quote(question)} "
+            f"--answers {shlex.quote(','.join(answers))}"
+        )
 
     def _finished_elsewhere(self, name: str, run_ids: dict[str, str]) -> bool:
         """With --stages, an upstream stage outside the selection counts if it finished earlier."""
@@ -462,7 +641,11 @@ class Pipeline:
         }
         write_json(st.dir / STAMP, rec)
         (st.dir / RUNNING).unlink(missing_ok=True)
-        log.info("   %s: done in %.0f s", st.name, wall)
+        from meta_vqa.progress import duration
+
+        log.info(
+            "   %s: %s in %s", st.name, "resumed and done" if status == "resumed" else "done", duration(wall)
+        )
         self.summary.append({"stage": st.name, "status": status, "wall_s": wall})
         return run_id
 
@@ -473,7 +656,14 @@ class Pipeline:
             self.summary.append({"stage": st.name, "status": "skipped", "wall_s": 0.0})
             return _read_json(st.dir / STAMP)["run_id"]
         status, argv = begun
-        log.info("%s %s: %s\n   %s", counter, st.name, status.replace("ran", "running"), _shell(argv))
+        resumed = (
+            f" (resuming from {Path(argv[-1]).name})"
+            if status == "resumed" and "--ckpt_path" in argv[-2:]
+            else ""
+        )
+        log.info("%s %s%s  %s", counter, st.name, resumed, short_command(st.argv))
+        if self.verbose:
+            log.info("   %s", _shell(argv))
         t0 = time.time()
         rc = _launch(argv, self.cfg.launcher, f"stage {st.name}")
         wall = round(time.time() - t0, 1)
@@ -508,7 +698,15 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--stages", nargs="+", default=None, help=f"only these stage kinds ({', '.join(STAGE_KINDS)})"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the stage commands and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the numbered plan (prepare, every stage, report) with what a run would do with each "
+        "(skip as done, resume from last.ckpt, re-run as stale, run) and stop",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="print each stage's whole command (in the plan and the run)"
+    )
     cluster = p.add_argument_group(
         "cluster batch jobs",
         "--emit slurm writes one sbatch script per pending stage and submit.sh (nothing is submitted)",
@@ -537,7 +735,7 @@ def main(argv: list[str]) -> int:
     if args.splits is not None:
         over.append(f"splits=[{','.join(args.splits)}]")
     cfg = load_config(args.config, over)
-    pipe = Pipeline(cfg, args.stages)
+    pipe = Pipeline(cfg, args.stages, source=args.config, verbose=args.verbose)
     if args.job_begin or args.job_end:  # the bookkeeping steps of a batch job (meta_vqa.slurm)
         print(pipe.job_begin(args.job_begin) if args.job_begin else pipe.job_end(args.job_end))
         return 0
@@ -545,11 +743,5 @@ def main(argv: list[str]) -> int:
         res = Resources(args.gpus, args.nodes, args.partition, args.time, args.account, args.setup)
         emit_slurm(pipe, args.out_scripts or Path(cfg.out) / "slurm", res)
         return 0
-    summary = pipe.run(dry_run=args.dry_run)
-    if summary:
-        ran = [s for s in summary if s["status"] != "skipped"]
-        log.info(
-            "pipeline: %d stages run, %d skipped; summary in %s",
-            len(ran), len(summary) - len(ran), Path(cfg.out) / "pipeline.json",
-        )  # fmt: skip
+    pipe.run(dry_run=args.dry_run)
     return 0

@@ -116,3 +116,42 @@ def test_compact_error_names_the_nested_key():
         "          Expected a Literal['a']. Got value: b\n    - Expected a <class 'NoneType'>"
     )
     assert _compact_argument_error(msg) == "model.variant: Expected a Literal['a']. Got value: b"
+
+
+def test_version(capfd):
+    import tomllib
+
+    from meta_vqa import __version__
+
+    assert main(["--version"]) == 0
+    want = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert capfd.readouterr().out.strip() == f"meta-vqa {want}" == f"meta-vqa {__version__}"
+
+
+def test_stage_help_names_the_stage_classes(capfd):
+    assert main(["fit", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: meta-vqa fit -c CONFIG.yaml")
+    for stage in ("BaseStage", "HNetStage", "HVAEStage", "HyperCLIPStage", "HyperLDMStage"):
+        assert f"\n  {stage} " in out  # one line each, before the options
+    assert main(["fit", "--model.help", "HyperLDMStage"]) == 0  # the short name resolves
+    assert "--model.p_uncond P_UNCOND" in capfd.readouterr().out
+
+
+def test_bench_help_lists_each_bench_with_a_line(capfd):
+    from meta_vqa.bench import BENCHES
+
+    assert main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    for name in BENCHES:
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"  {name} "))
+        assert len(line.split()) > 3
+
+
+def test_every_generate_and_report_option_is_described():
+    from meta_vqa.cli import report_parser
+    from meta_vqa.generate import build_parser
+
+    for parser in (build_parser(), report_parser()):
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, f"{parser.prog}: {undocumented}"

@@ -10,6 +10,8 @@ RANK = {
     "errors": 0,
     "device": 0.5,
     "io": 0.5,  # raises the errors
+    "_quiet": 0.5,  # what a run does not print
+    "progress": 0.5,  # the progress line (Lightning only)
     "nets": 1,
     "diffusion": 1,
     "meta": 2,  # the MAML loop uses the networks' losses

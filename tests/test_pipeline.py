@@ -3,6 +3,7 @@ resuming after a kill, re-running only stale stages."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,68 @@ def test_changed_stage_config_reruns_only_that_stage_and_downstream(smoke_run, t
     assert len(stale) == 2 and all((run / "_stale" / s / "stage.json").is_file() for s in stale)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _plan_rows(out: str) -> dict[str, str]:
+    """The numbered lines of a plan by step name."""
+    return {ln.split()[1]: ln.strip() for ln in out.splitlines() if re.fullmatch(r"\d+\.", ln.split()[0])}
+
+
+def test_dry_run_is_a_numbered_plan_with_each_stage_status(tmp_path, capsys):
+    from meta_vqa.pipeline import RUNNING, STAMP, stage_hash
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    over = [f"out={run}", f"data.root={data}", "base_variants=[clip_zero_shot,mnet_maml]"]
+    cfg = load_config(SMOKE, [*over, "generators=[hnet]", "guidance=[hyperclip]", "cond_hnet=false"])
+    # a fresh run: nothing built, every stage to run, prepare and report included
+    assert Pipeline(cfg, source="conf/smoke/pipeline.yaml").run(dry_run=True) == []
+    out = capsys.readouterr().out
+    assert out.startswith(f"meta-vqa pipeline: conf/smoke/pipeline.yaml → {run}")
+    assert "7 steps: prepare, 5 stages (random split, seed 0: 5 to run), report" in out
+    rows = _plan_rows(out)
+    assert rows["prepare"].startswith("1. prepare ") and "to build" in rows["prepare"]
+    assert rows["report"].startswith("7. report ") and rows["report"].endswith(f"meta-vqa report {run}")
+    assert all("to run" in rows[s.name] for s in plan(cfg))
+    assert not run.exists() and not data.exists()
+
+    # a run folder as a killed run leaves it: one stage done, one stale, one interrupted with a resume point
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    pipe = Pipeline(cfg)
+    digest = pipe.data_digest()
+    st = {s.name.split("/", 2)[2]: s for s in pipe.stages}
+    h = lambda name: stage_hash(st[name], {}, digest)
+    write = lambda name, file, rec: (st[name].dir.mkdir(parents=True, exist_ok=True),
+                                     (st[name].dir / file).write_text(json.dumps(rec)))  # fmt: skip
+    write("base/clip_zero_shot", STAMP, {"hash": h("base/clip_zero_shot"), "run_id": "a"})
+    write("base/mnet_maml", STAMP, {"hash": "an older config", "run_id": "b"})
+    write("hnet", RUNNING, {"hash": h("hnet")})
+    (st["hnet"].dir / "last.ckpt").write_bytes(b"")
+    write("hnet_hyperclip", STAMP, {"hash": "made from an older hnet", "run_id": "c"})
+    before = _files(tmp_path)
+    assert Pipeline(cfg, verbose=True).run(dry_run=True) == []
+    out = capsys.readouterr().out
+    assert _files(tmp_path) == before  # a plan writes nothing
+    rows = _plan_rows(out)
+    assert list(rows) == ["prepare", *(s.name for s in pipe.stages), "report"]
+    assert rows["prepare"].startswith("1. ") and "built: check, reuse" in rows["prepare"]
+    assert "done: skip" in rows["random/seed0/base/clip_zero_shot"]
+    assert "stale: re-run" in rows["random/seed0/base/mnet_maml"]
+    assert "resume from last.ckpt" in rows["random/seed0/hnet"]
+    assert "to run" in rows["random/seed0/adaptation"]  # after the hnet it waits for
+    assert "stale: re-run" in rows["random/seed0/hnet_hyperclip"]  # its hnet runs again
+    assert "(random split, seed 0: 1 done, 2 stale, 1 to resume, 1 to run)" in out
+    # short commands name the config and what differs between stages; --verbose adds the whole command
+    short = rows["random/seed0/base/mnet_maml"]
+    assert short.endswith(
+        "meta-vqa fit -c " + str(REPO / "conf/smoke/base.yaml") + " --model.init_args.variant mnet_maml …"
+    )
+    assert "--stage_dir" not in short
+    assert sum(ln.strip().startswith("meta-vqa ") and "--stage_dir" in ln for ln in out.splitlines()) == 5
+
+
 def test_cond_hnet_takes_the_hnet_arguments_then_its_own(tmp_path, capsys):
     short = REPO / "conf" / "meta_vqa" / "pipeline_short.yaml"
     cfg = load_config(short, [f"out={tmp_path}", "args.cond_hnet=[--trainer.max_steps,7]"])
@@ -245,7 +308,8 @@ def test_cond_hnet_takes_the_hnet_arguments_then_its_own(tmp_path, capsys):
         "7",
     ]
     assert Pipeline(load_config(SMOKE, [f"out={tmp_path}"]), only=["cond_hnet"]).run(dry_run=True) == []
-    lines = capsys.readouterr().out.strip().splitlines()
+    rows = _plan_rows(capsys.readouterr().out)
+    lines = [row for name, row in rows.items() if name not in ("prepare", "report")]
     assert (
         len(lines) == 1
         and "smoke/hnet.yaml" in lines[0]
@@ -256,14 +320,13 @@ def test_cond_hnet_takes_the_hnet_arguments_then_its_own(tmp_path, capsys):
     )
 
 
-def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
-    cfg = load_config(SMOKE, [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}"])
-    assert Pipeline(cfg, only=["hnet", "adapt"]).run(dry_run=True) == []
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert (
-        len(lines) == 2 and lines[0].startswith("meta-vqa fit -c") and lines[1].startswith("meta-vqa predict")
-    )
-    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+def test_display_arguments_do_not_make_a_stage_stale(tmp_path):
+    from meta_vqa.pipeline import stage_hash
+
+    cfg = load_config(SMOKE, [f"out={tmp_path}"])
+    quiet = plan(load_config(SMOKE, [f"out={tmp_path}", "progress_bar=false"]))[1]
+    shown = plan(cfg)[1]
+    assert quiet.argv != shown.argv and stage_hash(quiet, {}, "d") == stage_hash(shown, {}, "d")
 
 
 @pytest.mark.slow
@@ -278,3 +341,25 @@ def test_process_launcher_runs_each_stage_in_a_subprocess(tmp_path, monkeypatch)
         (tmp_path / "run" / "random" / "seed0" / "base" / "clip_zero_shot" / "results.json").read_text()
     )
     assert {r["method"] for r in records} >= {"clip_zero_shot", "chance"}
+
+
+def test_footer_counts_stages_and_shows_the_next_steps(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "clip").mkdir(parents=True)
+    tasks = {"is there a red shape?": {"train": [["i1", "yes"], ["i2", "no"]], "test": [["i3", "yes"]]}}
+    (data / "meta_test.json").write_text(json.dumps(tasks))
+    pipe = Pipeline(load_config(SMOKE, [f"out={run}", f"data.root={data}"]))
+    pipe.summary = [
+        {"stage": "prepare", "status": "ran", "wall_s": 1.0},
+        {"stage": "random/seed0/hnet", "status": "skipped", "wall_s": 0.0},
+        {"stage": "random/seed0/adaptation", "status": "resumed", "wall_s": 2.0},
+        {"stage": "random/seed0/hvae", "status": "ran", "wall_s": 3.0},
+        {"stage": "report", "status": "ran", "wall_s": 1.0},
+    ]
+    footer = pipe._footer(75.0).splitlines()
+    assert footer[0] == "pipeline done in 1:15: 2 stages run, 1 skipped (and prepare and report)"
+    assert f"tensorboard --logdir {run / 'lightning_logs'}" in footer[1]
+    assert footer[2].endswith(
+        f"meta-vqa generate --run {run} --question 'is there a red shape?' --answers no,yes"
+    )
+    assert footer[3].endswith(str(run / "pipeline.json"))

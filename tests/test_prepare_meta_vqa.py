@@ -272,7 +272,7 @@ def test_import_from_vqa_root_writes_a_checked_dataset(tmp_path, authors_set, ca
 
     out = tmp_path / "data" / "meta_vqa"
     args = ["--vqa-root", str(authors_set["vqa_root"]), "--features", str(authors_set["features"])]
-    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"]["meta_train"] == 3 and summary["recipe"]["tasks"] == 4
     tasks = authors_set["train"] + authors_set["test"]
@@ -298,14 +298,14 @@ def test_import_from_vqa_root_writes_a_checked_dataset(tmp_path, authors_set, ca
     assert not any(p.suffix == ".npy" for p in out.rglob("*"))  # nothing downstream sees a pickle
     assert not (out.parent / ".meta_vqa.partial").exists()
 
-    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is True
     (out / "prompts.json").write_text("{}")  # a changed file: verified, found, rebuilt
-    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is False
     questions = {q: 2 * v for q, v in d["questions"].items()}  # new source features: rebuilt too
     save_pickled(authors_set["files"]["questions"], questions)
-    assert meta_vqa.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert meta_vqa.main([*args, "--out", str(out), "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is False
     store = FeatureStore.load(out, ENCODER, 12)
     assert np.array_equal(store.question_features[0].numpy(), questions[store.questions[0]][0])
@@ -575,7 +575,7 @@ def test_synthetic_features_for_the_real_task_files(tmp_path, meta_vqa_files, ca
     from meta_vqa.prepare import synthetic_tasks
 
     out = tmp_path / "synthetic"
-    args = ["--tasks", str(meta_vqa_files), "--dim", "64", "--out", str(out), "--seed", "3"]
+    args = ["--tasks", str(meta_vqa_files), "--dim", "64", "--out", str(out), "--seed", "3", "--json"]
     assert synthetic_tasks.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == {

@@ -323,6 +323,57 @@ def _generate(images_dir, monkeypatch, capsys, guided):
     assert "hnet_hyperldm/best.ckpt" in capsys.readouterr().err
 
 
+def test_generate_works_from_any_folder_on_a_run(guided, tmp_path, monkeypatch, capsys):
+    """The pipeline records the dataset folder relative to where it ran: generate finds it from another
+    folder (under a parent of the run, or from pipeline.json's absolute path), or takes --data-root."""
+    from PIL import Image
+
+    import meta_vqa.nets.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "load_clip", lambda r: _fake_clip(32))
+    repo = tmp_path / "repo"
+    (repo / "data" / "synthetic" / "clip").mkdir(parents=True)
+    run = repo / "runs" / "smoke"
+    stage = run / "random" / "seed0" / "hnet_hyperldm"
+    stage.mkdir(parents=True)
+    ckpt = torch.load(guided["ldm_ckpt"], map_location="cpu", weights_only=True)
+    ckpt["datamodule_hyper_parameters"]["root"] = "data/synthetic"  # as recorded by `make run`
+    torch.save(ckpt, stage / "best.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save("red.png")
+    args = ["generate", "--run", str(run), "--question", "is it red?", "--answers", "yes,no"]
+    args += ["--out", "w.safetensors", "--image", "red.png"]
+    # 1. the recorded folder under a parent of the run (a run inside the repository)
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("hnet_hyperldm weights for 'is it red?'") and out[0].endswith("-> w.safetensors")
+    assert out[1].startswith("answer template: ")
+    assert re.fullmatch(r"red\.png: (yes|no) ([<>]?\d+\.\d%), (yes|no) ([<>]?\d+\.\d%)", out[2])
+    # 2. the dataset moved out of the repository: pipeline.json's absolute data_root
+    moved = tmp_path / "datasets" / "synthetic"
+    moved.parent.mkdir()
+    (repo / "data" / "synthetic").rename(moved)
+    assert main(args) == 2 and "--data-root" in capsys.readouterr().err
+    (run / "pipeline.json").write_text(json.dumps({"data_root": str(moved)}))
+    assert main([*args, "--prompt", "it is {}"]) == 0
+    assert "answer template: 'it is {}' (--prompt)" in capsys.readouterr().out
+    # 3. --data-root wins, and must hold a CLIP
+    (run / "pipeline.json").unlink()
+    assert main([*args, "--data-root", str(moved)]) == 0
+    assert main([*args, "--data-root", str(tmp_path)]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_probabilities_are_printed_readably():
+    from meta_vqa.generate import percent
+
+    assert [percent(p) for p in (0.0, 0.0004, 0.0006, 0.4234, 0.9994, 0.9996, 1.0)] == [
+        "<0.1%", "<0.1%", "0.1%", "42.3%", "99.9%", ">99.9%", ">99.9%"
+    ]  # fmt: skip
+
+
 HNET_RECORD = {
     "class_path": "meta_vqa.stages.hnet.HNetStage",
     "hparams": {

@@ -28,6 +28,14 @@ BENCHES = {
     "clip": "meta_vqa.prepare.clip_bench",
 }
 LATER: dict[str, str] = {}
+# one line each for `meta-vqa bench --help`
+ABOUT = {
+    "maml": "meta-training throughput: the batched MAML step vs a per-task loop (paper scale)",
+    "hnet": "HNet-MAML meta-training and evaluation: planned over tasks vs a per-task loop",
+    "sample": "zero-shot weights from a trained HyperLDM: DDPM-1000 vs DDIM/DPM-Solver in few steps",
+    "guidance": "HyperCLIP guidance of the test tasks: planned vs per task and control",
+    "clip": "image-encoding throughput of an open_clip model (fp32 vs mixed precision)",
+}
 
 
 def wall_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
@@ -209,8 +217,12 @@ def emit(figures: list[dict], as_json: bool) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, BENCHES))
         print(
-            "usage: meta-vqa bench {" + ",".join(BENCHES) + "} [--json] [options]  (NAME --help for options)"
+            "usage: meta-vqa bench NAME [--json] [options]\n\n"
+            "Measure a performance figure against the straightforward baseline in one run; --json prints one\n"
+            "JSON object per figure (ratio > 1: ours is better). `meta-vqa bench NAME --help` lists its options.\n\n"
+            "benches:\n" + "\n".join(f"  {n:<{width}}  {ABOUT.get(n, '')}" for n in BENCHES)
         )
         return 0
     name, rest = argv[0], argv[1:]

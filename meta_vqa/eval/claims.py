@@ -56,7 +56,7 @@ class Diff:
         if abs(self.mean) < SAME:
             return "level with"
         if self.std is None:
-            return f"{above if self.mean > 0 else below} by one seed's margin (no spread to judge it by)"
+            return f"{above if self.mean > 0 else below} (one seed, no spread)"
         if abs(self.mean) > self.std:
             return f"{above if self.mean > 0 else below}, beyond the seed spread,"
         return "within the seed spread of"
@@ -207,14 +207,25 @@ def paper_claims(table: dict[Key, dict[int, float]]) -> list[str]:
         if main and shuffled and 0.0 in at:
             aligned, uncond = table[main], at[0.0]
             d_a, d_s = diff(aligned, uncond), diff(shuffled, uncond)
+            lost = (d_a.mean - d_s.mean) / d_a.mean if d_a.mean > SAME else 0.0  # of the gain over γ=0
             if d_a.mean <= SAME:
                 why = (
                     "the aligned description is not above unconditional sampling: guidance does not help here"
                 )
-            elif abs(d_s.mean) < abs(d_a.mean - d_s.mean):
-                why = "another task's description falls back towards the unconditional level, so the description is used"
-            else:
+            elif lost >= 0.5:
+                why = (
+                    f"another task's description loses {lost:.0%} of the gain over unconditional sampling, "
+                    "falling back towards the unconditional level, so the description is used"
+                )
+            elif lost > 0.2:
+                why = (
+                    f"another task's description keeps {1 - lost:.0%} of the gain over unconditional "
+                    "sampling: the description drives only part of the result"
+                )
+            elif lost >= -0.2:
                 why = "another task's description does as well as the task's own: the description is not what drives the result"
+            else:
+                why = "another task's description does better than the task's own: the description is not what drives the result"
             out.append(
                 f"- {ldm}: aligned {value(aligned)}, shuffled {value(shuffled)}, unconditional (γ=0) "
                 f"{value(uncond)}: {why}."

@@ -26,6 +26,27 @@ BASELINE_COLOURS = {
     "cond_hnet_maml": "tab:brown",
     "clip_zero_shot": "tab:gray",
 }
+# the generators' own rows and the guided methods (by guidance), distinct from the baselines' colours
+GUIDED_COLOURS = {
+    "hvae": "tab:blue",
+    "hyperclip": "tab:orange",
+    "hyperldm": "tab:purple",
+    "combined": "tab:cyan",
+}
+SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray", "tab:red", "black")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _colour(method: str, used: set[str]) -> str:
+    """A line's colour: fixed per method where it can be, never one already used in the panel."""
+    want = (
+        BASELINE_COLOURS.get(method)
+        or GUIDED_COLOURS.get(method)
+        or GUIDED_COLOURS.get(method.split("_")[-1])
+    )
+    if want and want not in used:
+        return want
+    return next((c for c in (*GUIDED_COLOURS.values(), *SPARE_COLOURS) if c not in used), "black")
 
 
 def _plt():
@@ -66,10 +87,14 @@ def plot_gamma(rows: list[dict]):
     fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits), 4), squeeze=False)
     for ax, split in zip(axes[0], splits):
         zs = _zero_shot(rows, split)
+        gammas: set[float] = set()
         for m, colour in (("hnet_hyperldm", "tab:purple"), ("hvae_hyperldm", "tab:orange")):
             pts = sorted((k[1], r) for k, r in zs.items() if k[0] == m and k[1] is not None and k[2] is None)
             if pts:
                 _series(ax, [g for g, _ in pts], [r for _, r in pts], m, marker="o", color=colour)
+                gammas |= {g for g, _ in pts}
+        if gammas:
+            ax.set_xticks(sorted(gammas))
         for m, colour in [*BASELINE_COLOURS.items(), ("chance", "black")]:
             if (m, None, None) in zs:
                 ax.axhline(zs[(m, None, None)]["mean"], ls="--", lw=1, color=colour, label=f"{m} (zero-shot)")
@@ -95,14 +120,15 @@ def _kshot_groups() -> list[tuple[str, tuple[str, ...]]]:
 
 def plot_kshot(rows: list[dict]):
     """Accuracy vs examples per answer (0..5, then the whole support set): one panel per group of methods
-    (baselines, the HNet's guided methods, the HVAE's) and one row per split, so no line hides another."""
+    (baselines, the HNet's guided methods, the HVAE's) and one row per split; within a panel every line has
+    its own colour and marker, and the legend sits beside the panel, so no line or point is hidden."""
     plt = _plt()
     splits = sorted({r["split"] for r in rows})
     groups = _kshot_groups()
     fig, axes = plt.subplots(
-        len(splits), len(groups), figsize=(6 * len(groups), 4 * len(splits)), squeeze=False
-    )
-    colours = plt.get_cmap("tab10")
+        len(splits), len(groups), figsize=(7.5 * len(groups), 4.2 * len(splits)), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
     for row_axes, split in zip(axes, splits):
         sub = [r for r in rows if r["split"] == split and r.get("control") in (None, "aligned")]
         by_method: dict[tuple, dict] = defaultdict(dict)
@@ -114,11 +140,14 @@ def plot_kshot(rows: list[dict]):
         for ax, (title, members) in zip(row_axes, groups):
             lines = [(k, d) for k, d in by_method.items() if k[0] in members and len(d) > 1]
             lines.sort(key=lambda kv: (method_rank(kv[0][0]), str(kv[0][1])))
+            used: set[str] = set()
             for i, ((m, g), d) in enumerate(lines):
                 pts = sorted(d.items(), key=lambda kv: xs[kv[0]])
                 label = m + (f" γ={g:g}" if g is not None else "")
-                _series(ax, [xs[s] for s, _ in pts], [r for _, r in pts], label, marker="o", ms=3,
-                        color=BASELINE_COLOURS.get(m, colours(i % 10)))  # fmt: skip
+                colour = _colour(m, used)
+                used.add(colour)
+                _series(ax, [xs[s] for s, _ in pts], [r for _, r in pts], label,
+                        marker=MARKERS[i % len(MARKERS)], ms=5, color=colour, alpha=0.9)  # fmt: skip
             for ref, style in zip(REFERENCES, ("--", ":")):
                 if (ref, None) in by_method:
                     pts = sorted(by_method[(ref, None)].items(), key=lambda kv: xs[kv[0]])
@@ -132,8 +161,7 @@ def plot_kshot(rows: list[dict]):
                 ylabel="query accuracy (%)",
             )
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 
 

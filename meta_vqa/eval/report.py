@@ -102,12 +102,13 @@ def render_memorisation(rows: list[dict]) -> str:
         "",
         "Mean distance from each generated latent (test tasks, aligned description) to the nearest meta-train "
         "latent, against the same distance for the test tasks' own support-adapted latents; ratio < 1 means "
-        "the generated latents sit closer to the training set than the true ones (copying). Mean ± std over seeds.",
+        "the generated latents sit closer to the training set than the true ones (copying). Mean over seeds, ± std "
+        "where there are several.",
         "",
         "| split | method | generated → train | adapted test → train | ratio | train spacing |",
         "|---|---|---|---|---|---|",
     ]
-    ms = lambda v: f"{statistics.fmean(v):.3g} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2g}"
+    ms = lambda v: f"{statistics.fmean(v):.3g}" + (f" ± {statistics.stdev(v):.2g}" if len(v) > 1 else "")
     for (split, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], method_rank(kv[0][1]))):
         cols = [
             ms([r[k] for r in rs])
@@ -151,18 +152,35 @@ def load_diagnostics(run: Path, exclude: list[Path]) -> list[dict]:
     return [read_json(p, "stage diagnostics") for p in files]
 
 
+def _tensorboard(folder: str | Path, figures: list, records: list[dict], md: str) -> None:
+    """The report's figures and text, and the chance and majority accuracy of each split (the same for
+    every stage, so logged here once per run: ``reference/<split>/<chance|majority>/acc_<shots>``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from meta_vqa.eval.results import aggregate
+
+    writer = SummaryWriter(str(folder))
+    for name, fig in figures:
+        writer.add_figure(name, fig)
+    for r in aggregate([r for r in records if r["method"] in ("chance", "majority")]):
+        writer.add_scalar(f"reference/{r['split']}/{r['method']}/acc_{r['shots']}", r["mean"], 0)
+    writer.add_text("results", md)
+    writer.close()
+
+
 def build_report(
     run: str | Path,
     out: str | Path | None = None,
     title: str | None = None,
     data_root: str | Path | None = None,
     tensorboard_dir: str | Path | None = None,
-    echo: bool = False,
+    echo: bool | str = False,
     plots: bool = True,
 ) -> dict:
     """Write the report of a run folder (or of any folder of results.json files) into ``out`` (default
-    ``RUN/report``); TensorBoard figures go to ``tensorboard_dir`` (default ``OUT/tensorboard``).
-    Returns the paths written."""
+    ``RUN/report``); TensorBoard figures, the chance and majority levels (once per run) and the report's
+    text go to ``tensorboard_dir`` (default ``OUT/tensorboard``). ``echo``: print the report (True) or
+    only what the run shows (``"claims"``). Returns the paths written."""
     run = Path(run)
     out = Path(out) if out is not None else run / "report"
     info = run_info(run)
@@ -173,12 +191,12 @@ def build_report(
         raise MetaVQAError(f"{run}: no results.json found")
     diagnostics = load_diagnostics(run, exclude)
     mem = memorisation_rows(_latent_files(run, exclude))
+    shows = claims(records, diagnostics)
     md = "\n".join(
         s
-        for s in (render_markdown(records, title), missing_methods(records), claims(records, diagnostics),
-                  render_memorisation(mem))
+        for s in (render_markdown(records, title), missing_methods(records), shows, render_memorisation(mem))
         if s
-    )  # fmt: skip
+    )
     write_json(out / "results.json", records)
     write_json(out / "memorisation.json", mem)
     written = {"results": out / "results.json", "markdown": out / "results.md", "plots": []}
@@ -208,18 +226,15 @@ def build_report(
         md += "\n## Plots\n\n" + "\n".join(f"![{n}]({n}.png)" for n, _ in figures) + "\n"
     write_text(out / "results.md", md)
     write_json(out / MARKER, {"run": str(run), "title": title, "records": len(records)})
+    _tensorboard(tensorboard_dir or out / "tensorboard", figures, records, md)
     if figures:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(tensorboard_dir or out / "tensorboard"))
-        for name, fig in figures:
-            writer.add_figure(name, fig)
-        writer.add_text("results", md)
-        writer.close()
         import matplotlib.pyplot as plt
 
         plt.close("all")
-    if echo:
-        print(md)
-    log.info("report: %s", out / "results.md")
+    if echo == "claims":
+        print(shows, flush=True)
+    elif echo:
+        print(md, flush=True)
+    if echo != "claims":  # the pipeline names it in its footer
+        log.info("report: %s", out / "results.md")
     return written

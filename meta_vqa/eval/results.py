@@ -191,3 +191,38 @@ def render_markdown(records: list[dict], title: str = "Results") -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(n)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_compact(records: list[dict], indent: str = "   ") -> str:
+    """A stage's records as a plain-text table for the terminal: one row per method (γ, scale, control),
+    shots as columns, the chance level in the header (the markdown table is in results.md)."""
+    rows = aggregate(records)
+    lines = []
+    for split in sorted({r["split"] for r in rows}):
+        sub = [r for r in rows if r["split"] == split]
+        refs = {r["shots"]: r["mean"] for r in sub if r["method"] == "chance"}
+        sub = [r for r in sub if r["method"] not in ("chance", "majority")]
+        if not sub:
+            continue
+        shots = sorted({r["shots"] for r in sub}, key=shots_key)
+        keys = sorted(
+            {(r["method"], *(r.get(k) for k in EXTRA_KEYS)) for r in sub},
+            key=lambda m: (method_rank(m[0]), *(str(x) for x in m[1:])),
+        )
+        cell = {(r["method"], *(r.get(k) for k in EXTRA_KEYS), r["shots"]): r for r in sub}
+        names = [_row_name(*m) for m in keys]
+        width = max(len(n) for n in [*names, "accuracy (%)"])
+        seeds = max(r["seeds"] for r in sub)
+        tasks = max(r["n_tasks"] for r in sub)
+        note = [f"{split} split", f"{tasks} test tasks"]
+        if seeds > 1:
+            note.append(f"mean of {seeds} seeds")
+        if 0 in refs:
+            note.append(f"chance {refs[0]:.1f}")
+        head = f"{indent}{'accuracy (%)':<{width}} " + " ".join(f"{str(s):>5}" for s in shots)
+        lines.append(f"{head}   ({', '.join(note)})")
+        for name, m in zip(names, keys):
+            values = [cell.get((*m, s)) for s in shots]
+            text = " ".join(f"{r['mean']:5.1f}" if r is not None else " " * 5 for r in values)
+            lines.append(f"{indent}{name:<{width}} {text}".rstrip())
+    return "\n".join(lines)

@@ -50,7 +50,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="easy-vqa: the CLIP's training precision (16-mixed needs a CUDA GPU)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
+    p.add_argument(
+        "--log-dir",
+        default="lightning_logs",
+        help="easy-vqa: TensorBoard folder of the CLIP's training run (<log-dir>/clip; default lightning_logs)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the whole summary (task statistics included) as JSON"
+    )
     return p
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    """A builder's summary: the whole of it as JSON (``--json``), else a few lines."""
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return
+    times = summary.get("wall_time_s") or {}
+    total = times.get("total") if isinstance(times, dict) else None
+    how = "checked and reused" if summary.get("reused") else "built"
+    lines = [f"{summary.get('out')}: {how}" + (f" in {total:.0f} s" if total is not None else "")]
+    counts = summary.get("counts") or {}
+    if counts:
+        lines.append("   " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    if summary.get("encoder"):
+        lines.append(
+            f"   features {summary['encoder']} (dim {summary.get('dim')}, questions {summary.get('question_dim')})"
+        )
+    clip = summary.get("clip") or {}
+    if "retrieval_accuracy" in clip:
+        lines.append(
+            f"   CLIP: held-out image→caption retrieval {100 * clip['retrieval_accuracy']:.1f} % "
+            f"(train {100 * clip.get('train_accuracy', float('nan')):.1f} %, {clip.get('captions')} captions)"
+        )
+    lines.append("   (--json prints the whole summary, with the task statistics)")
+    print("\n".join(lines))
 
 
 def main(argv: list[str]) -> int:
@@ -71,10 +105,11 @@ def main(argv: list[str]) -> int:
 
     kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
     kwargs |= {"clip_devices": args.clip_devices, "clip_precision": args.clip_precision}
+    kwargs["log_dir"] = args.log_dir
     if args.clip_epochs is not None:
         kwargs["clip_epochs"] = args.clip_epochs
     summary = prepare_easy_vqa(out, **kwargs)
-    print(json.dumps(summary, indent=1, default=str))
+    print_summary(summary, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ file's sha256 still does. An interrupted encoding resumes from its last finished
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -290,12 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/meta_vqa", help="dataset folder (default: data/meta_vqa)")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the recipe's splits (with --vqa-root)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
+    p.add_argument(
+        "--json", action="store_true", help="print the whole summary (task statistics included) as JSON"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str]) -> int:
-    """``meta-vqa prepare meta-vqa [options]``; prints the summary (statistics included) as JSON."""
+    """``meta-vqa prepare meta-vqa [options]``; prints a short summary (``--json``: all of it)."""
     args = build_parser().parse_args(argv)
     summary = prepare_meta_vqa(
         args.out, tasks=args.tasks, vqa_root=args.vqa_root, features=args.features,
@@ -304,5 +306,7 @@ def main(argv: list[str]) -> int:
         shard_size=args.shard_size, workers=args.workers, seed=args.seed, force=args.force,
         progress=not args.no_progress,
     )  # fmt: skip
-    print(json.dumps(summary, indent=1, default=str))
+    from meta_vqa.prepare import print_summary
+
+    print_summary(summary, args.json)
     return 0

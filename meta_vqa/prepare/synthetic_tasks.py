@@ -20,7 +20,6 @@ examples and up to 203 answers. The features carry learnable structure like the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -184,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default=None, help="{question: template} json (default: beside the tasks)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
+    p.add_argument(
+        "--json", action="store_true", help="print the whole summary (task statistics included) as JSON"
+    )
     return p
 
 
@@ -191,5 +193,7 @@ def main(argv: list[str]) -> int:
     """``meta-vqa prepare synthetic --tasks DIR [--dim D] [--out DIR] [--seed S]``."""
     args = build_parser().parse_args(argv)
     summary = make_synthetic_meta_vqa(args.tasks, args.out, args.dim, args.seed, args.prompts, args.force)
-    print(json.dumps(summary, indent=1))
+    from meta_vqa.prepare import print_summary
+
+    print_summary(summary, args.json)
     return 0

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -124,7 +123,7 @@ class ClipStage(L.LightningModule):
         logits = self.logits(images)
         loss = F.cross_entropy(logits.float(), labels)  # float32 under mixed precision
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (logits.argmax(-1) == labels).float().mean())
+        self.log("train/accuracy", 100 * (logits.argmax(-1) == labels).float().mean())  # %, as every stage
         self.log("train/logit_scale", self.clip.logit_scale.exp())
         return loss
 
@@ -139,7 +138,8 @@ class ClipStage(L.LightningModule):
         images, labels = batch
         logits = self.logits(images).float()
         self.log("val/loss", F.cross_entropy(logits, labels))
-        self.log("val/retrieval_accuracy", (logits.argmax(-1) == labels).float().mean(), prog_bar=True)
+        hits = (logits.argmax(-1) == labels).float().mean()
+        self.log("val/retrieval_accuracy", 100 * hits, prog_bar=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -230,6 +230,13 @@ def train_clip(
     per_rank = batch_size // max(devices, 1)
     train = DataLoader(TensorDataset(train_images, train_labels), per_rank, shuffle=True, drop_last=True)
     val = DataLoader(TensorDataset(val_images, val_labels), batch_size=500) if len(val_images) else None
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from meta_vqa._quiet import quiet
+    from meta_vqa.progress import StageProgress
+
+    quiet()  # e.g. the locked text tower is in eval mode on purpose (see ClipStage.train)
+    callbacks = [LearningRateMonitor(logging_interval="step")] + ([StageProgress()] if progress else [])
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
@@ -237,16 +244,15 @@ def train_clip(
         strategy="ddp_spawn" if devices > 1 else "auto",
         precision=precision,
         default_root_dir=str(log_dir),  # ddp_spawn hands the weights back through a file here
-        logger=TensorBoardLogger(str(log_dir), name="clip"),
+        logger=TensorBoardLogger(str(log_dir), name="clip", default_hp_metric=False),
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, len(train))),
     )
-    with torch_threads(num_threads) as threads, warnings.catch_warnings():
-        # The locked text tower is in eval mode on purpose (see ClipStage.train).
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    with torch_threads(num_threads) as threads:
         log.info("training the CLIP image tower on %d images, %d thread(s)", len(train_images), threads)
         trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
         stage = stage.cpu()
@@ -258,7 +264,7 @@ def train_clip(
             "heldout_images": len(val_images),
             "captions": len(captions),
         }
-    log.info("CLIP: held-out image→caption retrieval accuracy %.4f", metrics["retrieval_accuracy"])
+    log.info("CLIP: held-out image→caption retrieval accuracy %.1f %%", 100 * metrics["retrieval_accuracy"])
     return stage, metrics
 
 

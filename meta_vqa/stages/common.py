@@ -12,11 +12,20 @@ import lightning as L
 import torch
 
 from meta_vqa.data.batch import TaskBatch
-from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_markdown, write_results
+from meta_vqa.eval.results import EXTRA_KEYS, ResultCollector, render_compact, write_results
 from meta_vqa.io import write_json
 from meta_vqa.stages.distributed import gather_rows
 
 log = logging.getLogger(__name__)
+REFERENCES = ("chance", "majority")
+
+
+def _shown(path: Path) -> str:
+    """A path as a user would type it: relative to the working folder where it is under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 @contextlib.contextmanager
@@ -58,6 +67,8 @@ def finish_test(
     records = collector.records(split_name(module), global_seed(), gather)
     collector.reset()
     for r in records:
+        if r["method"] in REFERENCES:  # the same in every stage: the report logs them once per run
+            continue
         extra = "".join(f"_{k}{r[k]}" for k in EXTRA_KEYS if k in r)
         module.log(f"test/{r['method']}{extra}/acc_{r['shots']}", r["accuracy"], rank_zero_only=True)
     if trainer.is_global_zero:
@@ -66,5 +77,5 @@ def finish_test(
         if diagnostics:
             info = {"split": split_name(module), "seed": global_seed(), **diagnostics}
             write_json(out / "diagnostics.json", info)
-        log.info("wrote %s\n%s", path, render_markdown(records, title))
+        log.info("%s\n   → %s", render_compact(records), _shown(path))
     return records
