@@ -4,7 +4,7 @@
 #   docker run --gpus all -v "$PWD/data:/work/data" -v "$PWD/runs:/work/runs" meta-vqa \
 #       pipeline -c /opt/meta_vqa/conf/easy_vqa/pipeline.yaml
 # DDP on all GPUs of the host: add --ipc=host (or --shm-size=8g) for NCCL's shared memory.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
@@ -14,7 +14,7 @@ ENV HF_HUB_OFFLINE=1 \
 
 WORKDIR /opt/meta_vqa
 # the dependencies first, read from pyproject.toml (a layer that survives code changes); the image's
-# torch satisfies torch>=2.4 and is kept
+# torch satisfies pyproject.toml's torch floor and is kept
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
