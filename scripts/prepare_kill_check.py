@@ -5,8 +5,9 @@ next ``prepare`` must finish and leave no ``.partial``/``.old``/``.tmp`` behind.
 
     python scripts/prepare_kill_check.py --out runs/prepare_kill [--trials 12] [--seed 0]
 
-The kill delays are drawn uniformly between 0 and the measured wall time of one uninterrupted
-``prepare --force``. One JSON line per trial, then a summary; exit status 1 on any failure.
+A kill comes at a delay drawn uniformly in the write phase: from the moment the build folder
+(``.data.partial``) appears to the end of the process, as measured on one uninterrupted ``prepare --force``
+(the Python start before it writes nothing). One JSON line per trial, then a summary; exit status 1 on any failure.
 """
 
 from __future__ import annotations
@@ -65,11 +66,21 @@ def leftovers(out: Path) -> list[str]:
     )
 
 
+def wait_for(path: Path, proc: subprocess.Popen) -> float:
+    """The time at which ``path`` appeared (polled every 2 ms), or the process ended."""
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    return time.time()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="a work folder (its data/ is rebuilt)")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-delay", type=float, default=None, help="draw the delays in [0, this] seconds instead"
+    )
     a = p.parse_args()
     work = Path(a.out)
     if work.exists():
@@ -77,17 +88,20 @@ def main() -> int:
     work.mkdir(parents=True)
     out = work / "data"
     subprocess.run(prepare(out, 1), check=True, env=env(), capture_output=True)
-    t0 = time.time()
-    subprocess.run(prepare(out, 2), check=True, env=env(), capture_output=True)
+    staging = out.parent / f".{out.name}.partial"
+    proc = subprocess.Popen(prepare(out, 2), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = wait_for(staging, proc)
+    proc.wait()
     wall = time.time() - t0
     rng = random.Random(a.seed)
     bad = 0
     for trial in range(a.trials):
         new = 3 + trial
-        delay = rng.uniform(0, wall)
+        delay = rng.uniform(0, wall if a.max_delay is None else a.max_delay)
         proc = subprocess.Popen(
             prepare(out, new), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        wait_for(staging, proc)
         time.sleep(delay)
         killed = proc.poll() is None
         if killed:
@@ -109,7 +123,7 @@ def main() -> int:
                 "figure": "prepare_killed",
                 "trials": a.trials,
                 "failures": bad,
-                "wall_s_one_prepare": round(wall, 2),
+                "write_phase_s": round(wall, 2),
             }
         )
     )
