@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from meta_vqa.callbacks import StopOnNonFinite
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.eval.protocol import Protocol
 from meta_vqa.eval.results import ResultCollector
@@ -107,9 +106,11 @@ class MetaLearningStage(L.LightningModule):
         # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
         # makes that average the mean over the whole meta-batch
         stats = self.meta_gradient(batch, self.manual_backward, rows.divisor)
-        for callback in self.trainer.callbacks:  # a non-finite meta-loss stops fit before the step
-            if isinstance(callback, StopOnNonFinite):
-                callback.check_loss(self.trainer, self, torch.as_tensor(stats.loss))
+        # the meta-loss goes to the callbacks that check losses (callbacks.StopOnNonFinite: a non-finite one
+        # stops fit before the step); the backward passes above carried weights, not a loss
+        for callback in self.trainer.callbacks:
+            if callable(check_loss := getattr(callback, "check_loss", None)):
+                check_loss(self.trainer, self, torch.as_tensor(stats.loss))
         opt.step()  # gradients are clipped in on_before_optimizer_step
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
         self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
