@@ -55,8 +55,8 @@ def set_random_state(state: dict, module: torch.nn.Module | None = None) -> None
 class StopOnNonFinite(Callback):
     """Stop ``fit`` at the first NaN or infinite loss or gradient, before the optimiser applies it.
 
-    Every loss handed to backward is checked (``on_before_backward``: the automatic step's and each
-    ``manual_backward`` of the meta-learning stages), and every gradient right before the optimiser step
+    Every loss is checked (``on_before_backward`` for the automatic step's; the meta-learning stages hand
+    their meta-loss to :meth:`check_loss` before stepping), and every gradient right before the optimiser step
     (``on_before_optimizer_step``, after clipping, for both kinds of optimisation). Raising there aborts
     the step, so the weights never take it, and no ``best.ckpt``/``last.ckpt`` or results
     (``--test_after_fit``) are made from it; the error names the stage and the step. Only NaN and ±inf
@@ -75,11 +75,19 @@ class StopOnNonFinite(Callback):
             f"batch {batch}); fit stopped before applying the step, no checkpoint or result saved from it"
         )
 
-    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+    def check_loss(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        """Stop if ``loss`` is not finite (the meta-learning stages call this with their float32 meta-loss
+        before stepping: their backward passes carry weights with explicit gradients, not a loss)."""
         values = loss.detach().float().flatten()
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             self._stop(trainer, pl_module, f"the loss is {values[~finite][0].item()}")
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        # Only a loss (one value) is checked here: a tensor handed back with its gradient
+        # (``manual_backward(w, dL/dw)``) is not a loss (the meta-learning stages check theirs themselves).
+        if loss.numel() == 1:
+            self.check_loss(trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:

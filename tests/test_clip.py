@@ -162,3 +162,34 @@ def test_random_shift_translates_with_replicated_border() -> None:
         assert set(img.unique().tolist()) == {7.0, 200.0}  # the border repeats the background
     offsets = {tuple(torch.nonzero(img[0] == 200)[0].tolist()) for img in shifted}
     assert len(offsets) > 10  # each image draws its own offset
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_clip_of_one(tmp_path) -> None:
+    """`prepare --clip-devices 2`: two gloo processes with half of every batch (and of its augmentation
+    draws) make the AdamW steps of one process. The key bias of the attention has no gradient in exact
+    arithmetic (softmax ignores a shift shared by all keys), so Adam turns its rounding noise into steps of
+    the learning rate's size; that third of `in_proj_bias` is compared loosely."""
+    from meta_vqa.stages.clip import train_clip
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (72, 3, 64, 64), dtype=torch.uint8, generator=g)
+    labels = torch.arange(72) % len(CAPTIONS)
+    kwargs = dict(epochs=2, batch_size=16, lr=5e-3, seed=3, progress=False, num_threads=1)  # 4 steps/epoch
+    weights = []
+    for devices in (1, 2):
+        stage, metrics = train_clip(TINY, CAPTIONS, images[:64], labels[:64], images[64:], labels[64:],
+                                    log_dir=tmp_path / str(devices), devices=devices, **kwargs)  # fmt: skip
+        weights.append({k: v.detach().clone() for k, v in stage.clip.visual.state_dict().items()})
+        weights[-1]["logit_scale"] = stage.clip.logit_scale.detach().clone()
+    one, two = weights
+    start = ClipStage(TINY, CAPTIONS).clip.visual.state_dict()
+    moved = max((one[k] - start[k]).abs().max().item() for k in start)
+    width = TINY.width
+    for k in one:
+        a, b = one[k], two[k]
+        if k.endswith("attn.in_proj_bias"):  # query and value thirds tight, the key third loose
+            a, b = torch.cat([a[:width], a[2 * width :]]), torch.cat([b[:width], b[2 * width :]])
+            assert (one[k] - two[k]).abs().max() < 20 * kwargs["lr"], k
+        assert (a - b).abs().max() < 1e-5, (k, (a - b).abs().max().item(), moved)
+    assert moved > 1e-2

@@ -81,6 +81,23 @@ def test_dockerfile_builds_the_package_with_its_entry_point_offline_as_a_user(pr
     assert {"data", "runs", ".venv", ".git"} <= set(ignored)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def test_the_base_images_torch_meets_pyprojects_floor(project):
+    """The image's torch is kept only if it satisfies pyproject's bound; else `pip install -r` would pull
+    another torch from PyPI over the image's CUDA build (a second multi-GB layer)."""
+    text = (REPO / "Dockerfile").read_text()
+    image = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    repo, tag = image.split(":")
+    assert repo == "pytorch/pytorch"
+    image_torch = re.match(r"(\d+\.\d+\.\d+)-cuda", tag).group(1)
+    (torch_req,) = [r for r in project["dependencies"] if _name(r) == "torch"]
+    floor = re.search(r">=\s*([\d.]+)", torch_req).group(1)
+    assert _version(image_torch) >= _version(floor), (image, torch_req)
+
+
 def test_the_dockerfiles_requirement_list_is_pyprojects(project):
     """Run the Dockerfile's own extraction command here: it lists exactly pyproject's dependencies."""
     text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())

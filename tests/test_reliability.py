@@ -24,8 +24,8 @@ from meta_vqa.cli import main
 from meta_vqa.data.features import FeatureStore, write_features, write_manifest
 from meta_vqa.data.resumable import ResumableLoader, ResumablePasses, resumable
 from meta_vqa.errors import DataError, TrainingDiverged
+from meta_vqa.stages.hnet import HNetStage
 from meta_vqa.stages.hyperldm import HyperLDMStage
-from meta_vqa.stages.meta_learning import MetaLearningStage
 
 REPO = Path(__file__).resolve().parents[1]
 HNET = str(REPO / "conf" / "smoke" / "hnet.yaml")
@@ -86,16 +86,16 @@ def test_non_finite_features_are_refused_naming_file_row_and_id(synthetic_root, 
 def test_nan_loss_mid_run_stops_maml_stage_without_a_checkpoint_after_it(
     smoke_hnet, tmp_path, capfd, monkeypatch
 ):
-    """The manual-optimisation stages: a NaN injected into the 5th step's loss."""
+    """The manual-optimisation stages: a NaN injected into the 5th step's generated weights (so its loss and
+    gradient are NaN)."""
     monkeypatch.chdir(tmp_path)
-    real = MetaLearningStage.meta_gradient
+    real = HNetStage.to_weights
 
-    def poisoned(self, tasks, backward=torch.Tensor.backward, divisor=None):
-        if self.trainer.global_step == 4:  # every group's gradient becomes NaN
-            return real(self, tasks, lambda loss: backward(loss * float("nan")), divisor)
-        return real(self, tasks, backward, divisor)
+    def poisoned(self, params):
+        w = real(self, params)
+        return w * float("nan") if self.training and self.trainer.global_step == 4 else w
 
-    monkeypatch.setattr(MetaLearningStage, "meta_gradient", poisoned)
+    monkeypatch.setattr(HNetStage, "to_weights", poisoned)
     out = tmp_path / "hnet"
     args = ["fit", "-c", HNET, "--data.root", str(smoke_hnet["root"]), "--stage_dir", str(out), *QUIET]
     args += ["--trainer.check_val_every_n_epoch", "1", "--last_checkpoint.every_n_train_steps", "1"]
@@ -154,7 +154,10 @@ def test_non_finite_gradient_is_caught_before_the_step_and_bf16_is_no_false_alar
     guard.on_before_optimizer_step(_Trainer(scaler=object()), net, opt)  # 16-mixed: the scaler's business
     # bf16: large but finite values are not alarms; inf and nan are
     big = torch.tensor([3.0e38, -3.0e38, 1e-40], dtype=torch.bfloat16)
-    guard.on_before_backward(_Trainer(), net, big)
+    guard.check_loss(_Trainer(), net, big)
+    # generated weights handed back with their gradient are no loss: under 16-mixed they arrive scaled by
+    # the gradient scaler's factor, and float16 overflows (the scaler's business, not a divergence)
+    guard.on_before_backward(_Trainer(), net, torch.tensor([6e4, 1.0], dtype=torch.float16) * 65536.0)
     with pytest.raises(TrainingDiverged, match="the loss is -inf"):
         guard.on_before_backward(_Trainer(), net, torch.tensor(float("-inf"), dtype=torch.bfloat16))
 

@@ -76,18 +76,19 @@ class TaskBatches(ShardedSampler):
     """Shuffled global batches of task positions ``range(n)``, the last one smaller; each rank its share.
 
     On one process this is exactly ``DataLoader(shuffle=True, batch_size=B)``: one seed drawn from the
-    global torch RNG per pass, a ``randperm`` from it, batches in order, the remainder kept. Under DDP rank
+    global torch RNG per pass, a ``randperm`` from it, batches in order, the remainder kept (``drop_last``:
+    dropped, as ``DataLoader(shuffle=True, drop_last=True)`` does). Under DDP rank
     0's seed is broadcast; a last batch with fewer tasks than ranks leaves some ranks an empty share (they
     take part in the step with a zero gradient).
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, drop_last: bool = False):
         super().__init__(rank, world)
         self._check_batch(batch_size)
-        self.n, self.batch_size = n, batch_size
+        self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         seed = _shared_seed(self.num_replicas)

@@ -43,7 +43,8 @@ from meta_vqa.data.easy_vqa_questions import (
 from meta_vqa.data.encode import encode_dataset, load_images
 from meta_vqa.data.features import write_manifest
 from meta_vqa.data.tasks import Task, build_tasks, save_tasks, split_tasks, task_statistics
-from meta_vqa.errors import DataError
+from meta_vqa.device import check_trainer_precision
+from meta_vqa.errors import ConfigError, DataError
 from meta_vqa.io import write_json
 from meta_vqa.nets.clip import CLIP_DIR, ClipConfig, clip_is_complete
 from meta_vqa.prepare.staging import fresh_staging, publish, reusable
@@ -281,6 +282,12 @@ def prepare_easy_vqa(
     unknown = [f for f in held_out_families if f not in FAMILIES]
     if unknown:
         raise DataError(f"unknown question family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    # how the CLIP trains is checked before anything is written (train_clip checks it again)
+    check_trainer_precision(clip_precision, "auto", "--clip-precision")
+    if clip_devices < 1 or clip_batch_size % clip_devices:
+        raise ConfigError(
+            f"--clip-devices: a batch of {clip_batch_size} does not split over {clip_devices} processes"
+        )
     arch = {k: v for k, v in clip_config.to_json().items() if k not in ("extra", "text_weights_sha256")}
     clip_options = {"arch": arch, "epochs": clip_epochs, "batch_size": clip_batch_size, "lr": clip_lr}
     # Also what the training data and its order depend on; a new builder version retrains.

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from meta_vqa.data.encode import images_to_input
+from meta_vqa.data.shards import TaskBatches
 from meta_vqa.device import check_trainer_precision
 from meta_vqa.errors import ConfigError
 from meta_vqa.nets.clip import (
@@ -39,21 +40,27 @@ from meta_vqa.nets.clip import (
     save_clip,
     text_weights_sha256,
 )
+from meta_vqa.stages.distributed import RandomStateAfterConstruction
 
 log = logging.getLogger(__name__)
 
 
-def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, max_shift: int, part: slice | None = None, total: int | None = None
+) -> torch.Tensor:
     """Translate each image by its own random offset in ``[-max_shift, max_shift]`` pixels per axis.
 
     The border is replicated (easy-vqa backgrounds are flat), so no black frame appears. Shapes sit at
-    random positions in the data already; this multiplies the positions seen in training.
+    random positions in the data already; this multiplies the positions seen in training. ``total``,
+    ``part``: the offsets are drawn for a global batch of ``total`` images, of which ``images`` are the
+    rows ``part`` (a DDP rank's share: every rank draws what one process draws, and takes its part).
     """
     if max_shift <= 0:
         return images
     b, c, h, w = images.shape
     padded = F.pad(images.float(), (max_shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), device=images.device)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, total or b, 1), device=images.device)
+    dy, dx = offsets[:, part] if part is not None else offsets
     rows = (dy + torch.arange(h, device=images.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * max_shift)
     cols = (dx + torch.arange(w, device=images.device)).view(b, 1, 1, w).expand(b, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
@@ -116,10 +123,16 @@ class ClipStage(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        # Under DDP each rank holds an equal share of the global batch (train_clip's loader): it draws the
+        # augmentation of the whole batch, as one process does (every rank is seeded alike), and takes its
+        # rows, so that N processes make the step of one (per-rank streams that never repeat each other).
+        b, world = images.shape[0], self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if world > 1 else 0
+        rows, total = slice(rank * b, (rank + 1) * b), b * world
         if self.hparams.hflip:
-            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            flip = torch.rand(total, device=images.device)[rows] < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        images = random_shift(images, self.hparams.max_shift)
+        images = random_shift(images, self.hparams.max_shift, rows, total)
         logits = self.logits(images)
         loss = F.cross_entropy(logits.float(), labels)  # float32 under mixed precision
         self.log("train/loss", loss, prog_bar=True)
@@ -127,19 +140,12 @@ class ClipStage(L.LightningModule):
         self.log("train/logit_scale", self.clip.logit_scale.exp())
         return loss
 
-    def on_train_start(self) -> None:
-        # under DDP every rank was seeded alike: give each its own augmentation stream (one process keeps
-        # the seeded one)
-        if self.trainer.world_size > 1:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            torch.manual_seed(seed * 1_000_003 + self.global_rank)
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.logits(images).float()
-        self.log("val/loss", F.cross_entropy(logits, labels))
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
         hits = (logits.argmax(-1) == labels).float().mean()
-        self.log("val/retrieval_accuracy", 100 * hits, prog_bar=True)
+        self.log("val/retrieval_accuracy", 100 * hits, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -227,16 +233,16 @@ def train_clip(
         raise ConfigError(f"--clip-devices: a batch of {batch_size} does not split over {devices} processes")
     L.seed_everything(seed, verbose=False)
     stage = ClipStage(config, captions, lr=lr)
-    per_rank = batch_size // max(devices, 1)
-    train = DataLoader(TensorDataset(train_images, train_labels), per_rank, shuffle=True, drop_last=True)
-    val = DataLoader(TensorDataset(val_images, val_labels), batch_size=500) if len(val_images) else None
+    after_construction = RandomStateAfterConstruction()  # DDP ranks draw from here on, as one process does
+    data = _ClipData(train_images, train_labels, val_images, val_labels, batch_size)
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from meta_vqa._quiet import quiet
     from meta_vqa.progress import StageProgress
 
     quiet()  # e.g. the locked text tower is in eval mode on purpose (see ClipStage.train)
-    callbacks = [LearningRateMonitor(logging_interval="step")] + ([StageProgress()] if progress else [])
+    callbacks = [after_construction, LearningRateMonitor(logging_interval="step")]
+    callbacks += [StageProgress()] if progress else []
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
@@ -250,11 +256,12 @@ def train_clip(
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(10, len(train))),
+        log_every_n_steps=max(1, min(10, len(train_images) // batch_size)),
+        limit_val_batches=1.0 if len(val_images) else 0,
     )
     with torch_threads(num_threads) as threads:
         log.info("training the CLIP image tower on %d images, %d thread(s)", len(train_images), threads)
-        trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
+        trainer.fit(stage, datamodule=data)
         stage = stage.cpu()
         metrics = {
             "train_accuracy": retrieval_accuracy(stage, train_images, train_labels),
@@ -266,6 +273,29 @@ def train_clip(
         }
     log.info("CLIP: held-out image→caption retrieval accuracy %.1f %%", 100 * metrics["retrieval_accuracy"])
     return stage, metrics
+
+
+class _ClipData(L.LightningDataModule):
+    """The CLIP's loaders, made on each rank: the shuffled training images in global batches of
+    ``batch_size`` (the last partial one dropped), each rank its equal share (:class:`TaskBatches`: on one
+    process exactly ``DataLoader(shuffle=True, drop_last=True)``); the held-out images in batches of 500."""
+
+    def __init__(self, train_images, train_labels, val_images, val_labels, batch_size: int) -> None:
+        super().__init__()
+        self.train, self.val = (
+            TensorDataset(train_images, train_labels),
+            TensorDataset(val_images, val_labels),
+        )
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        sampler = TaskBatches(len(self.train), self.batch_size, rank, world, drop_last=True)
+        return DataLoader(self.train, sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=500)
 
 
 def load_or_train_clip(

@@ -107,6 +107,11 @@ class MetaLearningStage(L.LightningModule):
         # DDP averages the ranks' gradients in a backward pass: dividing each rank's sum by total / ranks
         # makes that average the mean over the whole meta-batch
         stats = self.meta_gradient(batch, self.manual_backward, rows.divisor)
+        # the meta-loss goes to the callbacks that check losses (callbacks.StopOnNonFinite: a non-finite one
+        # stops fit before the step); the backward passes above carried Σ w·∂L/∂w per group, not the loss
+        for callback in self.trainer.callbacks:
+            if callable(check_loss := getattr(callback, "check_loss", None)):
+                check_loss(self.trainer, self, torch.as_tensor(stats.loss))
         opt.step()  # gradients are clipped in on_before_optimizer_step
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=stats.tasks)
         self.log("train/acc", stats.accuracy, prog_bar=True, batch_size=stats.tasks)
