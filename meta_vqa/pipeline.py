@@ -544,11 +544,13 @@ class Pipeline:
         root = Path(self.cfg.data.root)
         if "hyperldm" not in self.cfg.guidance or not (root / "clip").is_dir():
             return None
-        tasks = _read_json(root / "meta_test.json") or {}
+        from meta_vqa.data.tasks import load_tasks  # the task-file format (data layer)
+
+        path = root / "meta_test.json"
+        tasks = load_tasks(path) if path.is_file() else []
         if not tasks:
             return None
-        question, task = next(iter(tasks.items()))
-        answers = sorted({a for part in task.values() if isinstance(part, list) for _, a in part})
+        question, answers = tasks[0].question, sorted(tasks[0].answers)
         if len(answers) < 2 or len(answers) > 6:
             return None
         return (

@@ -346,7 +346,14 @@ def test_process_launcher_runs_each_stage_in_a_subprocess(tmp_path, monkeypatch)
 def test_footer_counts_stages_and_shows_the_next_steps(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     (data / "clip").mkdir(parents=True)
-    tasks = {"is there a red shape?": {"train": [["i1", "yes"], ["i2", "no"]], "test": [["i3", "yes"]]}}
+    # the task-file format the builders write (answers listed beside the image/answer pairs)
+    tasks = {
+        "is there a red shape?": {
+            "train": [["i1", "yes"], ["i2", "no"]],
+            "test": [["i3", "yes"]],
+            "answers": ["yes", "no"],
+        }
+    }
     (data / "meta_test.json").write_text(json.dumps(tasks))
     pipe = Pipeline(load_config(SMOKE, [f"out={run}", f"data.root={data}"]))
     pipe.summary = [
