@@ -194,11 +194,14 @@ class AdaptationWriter(BasePredictionWriter):
         if self.complete:
             return
         trainer.strategy.barrier("adaptation_writer_parts")  # every rank's parts are written
-        missing = {j.name for j in self.jobs} - finished_jobs(self.out)
+        # rank 0's view, sent to every rank: a rank that looked itself could find the parts already merged
+        # and removed by rank 0, take them for missing and skip the barrier below (a deadlock)
+        missing = (
+            sorted({j.name for j in self.jobs} - finished_jobs(self.out)) if trainer.is_global_zero else None
+        )
+        missing = trainer.strategy.broadcast(missing, src=0)
         if missing:
-            log.warning(
-                "%s: %d jobs not written (%s…); rerun to resume", self.out, len(missing), sorted(missing)[0]
-            )
+            log.warning("%s: %d jobs not written (%s…); rerun to resume", self.out, len(missing), missing[0])
             return
         if trainer.is_global_zero:
             consolidate(self.out, self.jobs, self.config)
