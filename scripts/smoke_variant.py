@@ -2,7 +2,8 @@
 """The smoke pipeline with extra trainer arguments on every stage (DDP, a precision), against a reference run.
 
     python scripts/smoke_variant.py --out runs/smoke_ddp --data data/synthetic --reference runs/smoke \\
-        --args "--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu"
+        --args "--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu" \\
+        [--prepare-args "--tasks-per-attribute 20"]
 
 Writes ``OUT/pipeline.yaml`` (``conf/smoke/pipeline.yaml`` with ``--args`` added to every stage kind,
 ``launcher: process`` so that each stage is its own command, as DDP wants), runs it, and prints the
@@ -28,7 +29,7 @@ SMOKE = REPO / "conf" / "smoke" / "pipeline.yaml"
 KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
 
 
-def run_pipeline(config: Path, out: Path, data: str) -> float:
+def run_pipeline(config: Path, out: Path, data: str, prepare_args: list[str]) -> float:
     t0 = time.time()
     cmd = [
         sys.executable,
@@ -41,6 +42,8 @@ def run_pipeline(config: Path, out: Path, data: str) -> float:
         str(out),
         f"data.root={data}",
     ]
+    if prepare_args:  # the same dataset options for both runs (a rebuild with others would replace it)
+        cmd.append("data.prepare_args=[" + ",".join(prepare_args) + "]")
     subprocess.run([*cmd, "launcher=process"], check=True, stdout=sys.stderr)  # stdout: the JSON lines
     return time.time() - t0
 
@@ -63,6 +66,11 @@ def main() -> int:
     p.add_argument("--out", required=True, help="run folder of the variant")
     p.add_argument("--args", required=True, help="trainer arguments added to every stage (one string)")
     p.add_argument("--data", default="data/synthetic", help="the synthetic dataset (built if missing)")
+    p.add_argument(
+        "--prepare-args",
+        default="",
+        help="options of `meta-vqa prepare synthetic` (one string), e.g. '--tasks-per-attribute 20' for 80 tasks",
+    )
     p.add_argument("--reference", default=None, help="a run of the plain smoke pipeline to compare with")
     p.add_argument("--run-reference", action="store_true", help="run the reference first")
     p.add_argument("--tolerance", type=float, default=2.0, help="largest accepted difference (points)")
@@ -71,7 +79,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.load(SMOKE)
     cfg.configs = str(SMOKE.parent)
-    extra = shlex.split(a.args)
+    extra, prepare = shlex.split(a.args), shlex.split(a.prepare_args)
     args = OmegaConf.to_container(cfg.get("args") or {})
     cfg.args = {k: [*args.get(k, []), *extra] for k in KINDS}
     cfg.launcher = "process"
@@ -79,8 +87,8 @@ def main() -> int:
     OmegaConf.save(cfg, config)
     if a.reference and a.run_reference:
         print(json.dumps({"figure": "smoke_pipeline", "variant": "reference",
-                          "wall_s": round(run_pipeline(SMOKE, Path(a.reference), a.data), 1)}))  # fmt: skip
-    wall = run_pipeline(config, out, a.data)
+                          "wall_s": round(run_pipeline(SMOKE, Path(a.reference), a.data, prepare), 1)}))  # fmt: skip
+    wall = run_pipeline(config, out, a.data, prepare)
     summary = {"figure": "smoke_pipeline", "variant": a.args, "wall_s": round(wall, 1)}
     if not a.reference:
         print(json.dumps(summary))

@@ -142,3 +142,21 @@ def test_a_kept_dataset_is_checked_before_it_is_reused(tmp_path, capsys):
     assert "synthetic dataset built" in capsys.readouterr().out and _snapshot(out) == want
     (out / "meta_test.json").unlink()
     assert _prepare(out) == 0 and _snapshot(out) == want
+
+
+def test_synthetic_task_count_is_an_option_and_a_rebuild_with_another_replaces_it(tmp_path, capsys):
+    import json
+
+    root = tmp_path / "syn"
+    assert main(["prepare", "synthetic", "--out", str(root), "--tasks-per-attribute", "10"]) == 0
+    train = json.loads((root / "meta_train.json").read_text())
+    test = json.loads((root / "meta_test.json").read_text())
+    assert (len(train), len(test)) == (28, 12)  # 4 attributes x 10 tasks, 70 / 30
+    capsys.readouterr()
+    assert main(["prepare", "synthetic", "--out", str(root), "--tasks-per-attribute", "10"]) == 0
+    assert "already built" in capsys.readouterr().out
+    assert main(["prepare", "synthetic", "--out", str(root)]) == 0  # the default, 4 per attribute: rebuilt
+    assert "built" in capsys.readouterr().out
+    assert len(json.loads((root / "meta_test.json").read_text())) == 5
+    assert main(["prepare", "synthetic", "--out", str(root), "--tasks-per-attribute", "1"]) == 2
+    assert "--tasks-per-attribute must be at least 2" in capsys.readouterr().err

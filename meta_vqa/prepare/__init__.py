@@ -21,6 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from meta_vqa.errors import MetaVQAError
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("easy-vqa", "synthetic", "meta-vqa")
@@ -48,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="32-true",
         choices=("32-true", "bf16-mixed", "16-mixed"),
         help="easy-vqa: the CLIP's training precision (16-mixed needs a CUDA GPU)",
+    )
+    p.add_argument(
+        "--tasks-per-attribute",
+        type=int,
+        default=None,
+        help="synthetic: tasks per attribute (default 4: 16 tasks, 5 of them meta-test; more tasks make "
+        "comparisons between runs finer than one task's share of the mean)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if a valid dataset is there")
     p.add_argument(
@@ -100,7 +109,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or DEFAULT_OUT[args.dataset]
     if args.dataset == "synthetic":
-        return prepare_synthetic(out, args.seed, args.force)
+        return prepare_synthetic(out, args.seed, args.force, args.tasks_per_attribute)
+    if args.tasks_per_attribute is not None:
+        raise MetaVQAError("--tasks-per-attribute is an option of `prepare synthetic` only")
     from meta_vqa.prepare.easy_vqa import prepare_easy_vqa
 
     kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
@@ -113,15 +124,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def prepare_synthetic(out: str | Path, seed: int, force: bool) -> int:
+def prepare_synthetic(out: str | Path, seed: int, force: bool, tasks_per_attribute: int | None = None) -> int:
     """The small synthetic dataset of the tests and conf/smoke: built in a staging folder and swapped in
-    whole; an existing one is kept only after every file's sha256 was checked."""
+    whole; an existing one is kept only after every file's sha256 was checked (and only if it was built
+    with the same options)."""
     from meta_vqa.prepare import synthetic
     from meta_vqa.prepare.staging import fresh_staging, publish, reusable
 
     root = Path(out)
     seed = 0 if seed == 2021 else seed
-    options = synthetic.options(seed=seed)
+    given = {"seed": seed}
+    if tasks_per_attribute is not None:
+        if tasks_per_attribute < 2:
+            raise MetaVQAError(f"--tasks-per-attribute must be at least 2, got {tasks_per_attribute}")
+        given["tasks_per_attribute"] = tasks_per_attribute
+    options = synthetic.options(**given)
     if reusable(root, synthetic.BUILDER, synthetic.BUILDER_VERSION, options, force) is not None:
         print(f"{root}: synthetic dataset already built, every file checked (--force rebuilds it)")
         return 0
