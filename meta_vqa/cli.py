@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from meta_vqa.device import reuse_freed_memory
+
+    reuse_freed_memory()  # large freed blocks are reused, not faulted in again (META_VQA_MALLOC=system: off)
     _setup_logging()
     from meta_vqa._quiet import quiet
 

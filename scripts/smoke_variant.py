@@ -3,7 +3,7 @@
 
     python scripts/smoke_variant.py --out runs/smoke_ddp --data data/synthetic --reference runs/smoke \\
         --args "--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu" \\
-        [--prepare-args "--tasks-per-attribute 20"]
+        [--prepare-args "--tasks-per-attribute 20" --validate-by-steps]
 
 Writes ``OUT/pipeline.yaml`` (``conf/smoke/pipeline.yaml`` with ``--args`` added to every stage kind,
 ``launcher: process`` so that each stage is its own command, as DDP wants), runs it, and prints the
@@ -61,6 +61,32 @@ def zero_shot(run: Path) -> dict[str, float]:
     return rows
 
 
+def validation_by_steps() -> dict[str, list[str]]:
+    """Per stage kind that trains: validate every half of its ``trainer.max_steps``."""
+    out = {}
+    for kind in ("base", "hnet", "hvae", "hyperclip", "hyperldm"):
+        steps = int(OmegaConf.load(SMOKE.parent / f"{kind}.yaml").trainer.max_steps)
+        out[kind] = [
+            "--trainer.check_val_every_n_epoch",
+            "null",
+            "--trainer.val_check_interval",
+            str(steps // 2),
+        ]
+    return out
+
+
+def write_config(path: Path, common: dict[str, list[str]], extra: list[str]) -> Path:
+    """``conf/smoke/pipeline.yaml`` with ``common[kind]`` and ``extra`` added to every stage kind's arguments,
+    each stage its own command (``launcher: process``, as DDP wants)."""
+    cfg = OmegaConf.load(SMOKE)
+    cfg.configs = str(SMOKE.parent)
+    args = OmegaConf.to_container(cfg.get("args") or {})
+    cfg.args = {k: [*args.get(k, []), *common.get(k, []), *extra] for k in KINDS}
+    cfg.launcher = "process"
+    OmegaConf.save(cfg, path)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder of the variant")
@@ -71,23 +97,25 @@ def main() -> int:
         default="",
         help="options of `meta-vqa prepare synthetic` (one string), e.g. '--tasks-per-attribute 20' for 80 tasks",
     )
+    p.add_argument(
+        "--validate-by-steps",
+        action="store_true",
+        help="both runs validate at the middle and the end of each stage's training, whatever the dataset's "
+        "size (the smoke stage YAMLs validate every n epochs, n set for the default 16 tasks)",
+    )
     p.add_argument("--reference", default=None, help="a run of the plain smoke pipeline to compare with")
     p.add_argument("--run-reference", action="store_true", help="run the reference first")
     p.add_argument("--tolerance", type=float, default=2.0, help="largest accepted difference (points)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.load(SMOKE)
-    cfg.configs = str(SMOKE.parent)
     extra, prepare = shlex.split(a.args), shlex.split(a.prepare_args)
-    args = OmegaConf.to_container(cfg.get("args") or {})
-    cfg.args = {k: [*args.get(k, []), *extra] for k in KINDS}
-    cfg.launcher = "process"
-    config = out / "pipeline.yaml"
-    OmegaConf.save(cfg, config)
+    common = validation_by_steps() if a.validate_by_steps else {}
+    config = write_config(out / "pipeline.yaml", common, extra)
     if a.reference and a.run_reference:
+        reference = write_config(out / "reference.yaml", common, []) if common else SMOKE
         print(json.dumps({"figure": "smoke_pipeline", "variant": "reference",
-                          "wall_s": round(run_pipeline(SMOKE, Path(a.reference), a.data, prepare), 1)}))  # fmt: skip
+                          "wall_s": round(run_pipeline(reference, Path(a.reference), a.data, prepare), 1)}))  # fmt: skip
     wall = run_pipeline(config, out, a.data, prepare)
     summary = {"figure": "smoke_pipeline", "variant": a.args, "wall_s": round(wall, 1)}
     if not a.reference:
