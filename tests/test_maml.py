@@ -354,3 +354,25 @@ def test_meta_gradient_under_autocast_scores_the_outer_loss_in_float32():
     torch.testing.assert_close(s16.loss, s32.loss, rtol=0.02, atol=0.02)
     for a, b in ((gw16, gw32), (gz16, gz32)):
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("budget", [Budget(None), Budget(None, max_padding=1.0)])
+def test_outer_gradient_through_autograd_fills_every_row(budget, monkeypatch):
+    """Float32 weights under a CPU autocast (the base variants' own weights in bf16-mixed) take autograd's
+    path through :func:`outer_grad`: every bucket's gradient lands in its rows, whether the bucket's rows are
+    one range (a slice) or scattered, and equals the float32 gradient up to bf16 rounding. The result
+    buffer starts as NaN here, so a row that is not written shows."""
+    from meta_vqa.meta.maml import outer_grad
+
+    torch.manual_seed(0)
+    adapter = ResidualAdapter(DIM, HIDDEN)
+    batch = _batch_of(make_tasks())
+    w = 0.3 * torch.randn(len(batch), adapter.num_params)
+    ref = outer_grad(batch, w, adapter, "query", budget)  # float32, by hand
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **k: real_empty_like(t, **k).fill_(float("nan")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = outer_grad(batch, w, adapter, "query", budget)
+    assert torch.isfinite(out.grad).all()
+    torch.testing.assert_close(out.losses, ref.losses, rtol=0.05, atol=0.05)
+    assert F.cosine_similarity(out.grad, ref.grad, dim=1).min() > 0.98

@@ -636,7 +636,8 @@ def outer_grad(
         rows = as_rows(sorted(positions), w.device)
         ex = tasks.examples(which, rows)
         wb = take(w, rows).detach()
-        if _by_hand(adapter, w.device):
+        by_hand = _by_hand(adapter, w.device)
+        if by_hand:  # a slice's gradient is written in place, into its rows of out.grad
             into = out.grad[rows] if isinstance(rows, slice) else None
             loss, correct, g = adapter.loss_grad(
                 wb, ex.x, ex.answers, ex.answer_mask, ex.y, ex.mask, divisor, into
@@ -649,7 +650,7 @@ def outer_grad(
                 (g,) = torch.autograd.grad(loss.sum() / divisor, wb)
             correct, _ = task_correct(logits.detach(), ex.y, ex.mask)
             loss = loss.detach()
-        if not isinstance(rows, slice):
+        if not (by_hand and isinstance(rows, slice)):
             out.grad[rows] = g
         out.losses[rows], out.correct[rows], out.total[rows] = loss, correct, ex.mask.sum(1)
     return out
