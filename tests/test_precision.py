@@ -62,3 +62,30 @@ def test_losses_are_float32_under_autocast():
     assert c32.dtype == torch.float32 and total.dtype == torch.float32
     exact = contrastive_loss(u.bfloat16().float(), v.bfloat16().float(), 100.0)
     assert torch.allclose(c32, exact, atol=1e-5)  # the logits were not lowered again
+
+
+def test_a_fused_optimizer_with_clipping_under_a_gradient_scaler_is_used_unfused():
+    """16-mixed + gradient clipping + a fused Adam (the configs' choice): a fused optimizer unscales inside
+    its step, so Lightning cannot clip before it; the stage builds the same optimizer unfused instead (and
+    keeps it fused without a scaler or without clipping)."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from meta_vqa.stages.base import BaseStage
+
+    def stage(grad_clip):
+        return BaseStage(
+            variant="uncond_multitask", feature_dim=8, question_dim=8, adapter_hidden=4, grad_clip=grad_clip,
+            optimizer=partial(torch.optim.Adam, lr=0.01, fused=True),
+        )  # fmt: skip
+
+    s = stage(10.0)
+    assert s.configure_optimizers().defaults["fused"] is True  # no trainer, no scaler
+    s._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.warns(UserWarning, match="unfused"):
+        opt = s.configure_optimizers()
+    assert opt.defaults["fused"] is False and opt.defaults["lr"] == 0.01
+    assert len(opt.param_groups[0]["params"]) == len([p for p in s.parameters() if p.requires_grad])
+    s = stage(None)
+    s._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    assert s.configure_optimizers().defaults["fused"] is True

@@ -148,7 +148,24 @@ class MetaLearningStage(L.LightningModule):
         """Stage-specific training curves (nothing by default)."""
 
     def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if (
+            self.hparams.grad_clip
+            and scaler is not None
+            and getattr(opt, "_step_supports_amp_scaling", False)
+        ):
+            # a fused optimizer unscales 16-mixed gradients inside its own step, so they cannot be clipped
+            # before it (Lightning refuses): the same optimizer unfused, whose gradients the scaler unscales
+            warnings.warn(
+                f"{type(opt).__name__}(fused=True) cannot clip 16-mixed gradients (grad_clip "
+                f"{self.hparams.grad_clip}): using it unfused",
+                stacklevel=2,
+            )
+            opt = type(opt)(params, **{**opt.defaults, "fused": False})
+        return opt
 
     # --- test: the evaluation protocol on the meta-test tasks -----------------------------------------
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
