@@ -32,6 +32,36 @@ def test_smoke_variant_script_describes_itself():
     assert out.returncode == 0 and "--reference" in out.stdout and "--tolerance" in out.stdout
 
 
+def test_smoke_variant_configs_validate_by_steps_in_both_runs(tmp_path):
+    """--validate-by-steps: every training stage kind validates at half its max_steps (whatever the dataset's
+    size); the reference and the variant get the same arguments, the variant its own on top."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("smoke_variant", REPO / "scripts" / "smoke_variant.py")
+    sv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sv)
+    common = sv.validation_by_steps()
+    for kind, args in common.items():
+        steps = OmegaConf.load(REPO / "conf" / "smoke" / f"{kind}.yaml").trainer.max_steps
+        assert args == [
+            "--trainer.check_val_every_n_epoch",
+            "null",
+            "--trainer.val_check_interval",
+            str(steps // 2),
+        ]
+    ref = OmegaConf.load(sv.write_config(tmp_path / "ref.yaml", common, []))
+    var = OmegaConf.load(
+        sv.write_config(tmp_path / "var.yaml", common, ["--trainer.precision", "bf16-mixed"])
+    )
+    assert ref.launcher == var.launcher == "process"
+    for kind in sv.KINDS:
+        assert list(var.args[kind]) == [*ref.args[kind], "--trainer.precision", "bf16-mixed"]
+    assert "--trainer.val_check_interval" in list(ref.args["hnet"])
+    assert "--trainer.val_check_interval" not in list(ref.args["adapt"])  # predict has no validation
+
+
 def test_profile_stages_accounts_for_the_whole_step(tmp_path):
     """scripts/profile_stages.py on toy sizes: per stage, its categories add up to the profiled step, and
     the padded-row fraction is that of the adapter calls' masks (between 0 and 1, none for guidance)."""
