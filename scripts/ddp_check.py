@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "smoke"
@@ -38,6 +39,7 @@ import sys
 from pathlib import Path
 import lightning.pytorch as pl
 import torch
+from omegaconf import OmegaConf
 from meta_vqa.cli import main
 fit = pl.Trainer.fit
 def saving_fit(self, model=None, *args, **kwargs):
@@ -87,6 +89,20 @@ def results_diff(a: Path, b: Path) -> tuple[int, float, dict]:
     return len(ra), max((abs(da[k] - db[k]) for k in da), default=0.0), zero
 
 
+def validation_by_steps() -> dict[str, list[str]]:
+    """Per stage kind that trains: validate every half of its ``trainer.max_steps``."""
+    out = {}
+    for kind in ("base", "hnet", "hvae", "hyperclip", "hyperldm"):
+        steps = int(OmegaConf.load(SMOKE / f"{kind}.yaml").trainer.max_steps)
+        out[kind] = [
+            "--trainer.check_val_every_n_epoch",
+            "null",
+            "--trainer.val_check_interval",
+            str(steps // 2),
+        ]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -105,6 +121,12 @@ def main() -> int:
         help="train with plain SGD at this rate instead of the configs' Adam (whose first steps are "
         "about lr·sign(gradient): blind to a gradient's scale)",
     )
+    p.add_argument(
+        "--validate-by-steps",
+        action="store_true",
+        help="every fit (the upstream HNet too) validates at the middle and the end of its training, whatever the "
+        "dataset's size (the smoke YAMLs validate every n epochs, n set for the default 16 tasks)",
+    )
     p.add_argument("--stages", nargs="*", default=None, help="a subset (base/<variant>, hnet, adapt, ...)")
     a = p.parse_args()
     out, data = Path(a.out), str(a.data)
@@ -112,11 +134,12 @@ def main() -> int:
     if not (Path(data) / "dataset.json").is_file():
         cli(["prepare", "synthetic", "--out", data], out / "prepare.log")
     quiet = ["--data.root", data, "--seed_everything", "0", "--trainer.enable_progress_bar", "false"]
+    by_steps = validation_by_steps() if a.validate_by_steps else {}
     up = out / "upstream"
     hnet = up / "hnet" / "best.ckpt"
     if not hnet.is_file():
         cli(["fit", "-c", str(SMOKE / "hnet.yaml"), *quiet, "--trainer.logger", "false", "--stage_dir",
-             str(up / "hnet")], out / "upstream_hnet.log")  # fmt: skip
+             str(up / "hnet"), *by_steps.get("hnet", [])], out / "upstream_hnet.log")  # fmt: skip
     if not (up / "adaptation" / "adaptation.json").is_file():
         cli(["predict", "-c", str(SMOKE / "adapt.yaml"), "--data.root", data, "--stage_dir",
              str(up / "adaptation"), "--ckpt_path", str(hnet)], out / "upstream_adaptation.log")  # fmt: skip
@@ -124,6 +147,7 @@ def main() -> int:
     sgd = [] if a.sgd is None else ["--model.init_args.optimizer", "torch.optim.SGD",
                                     "--model.init_args.optimizer.init_args.lr", str(a.sgd)]  # fmt: skip
     fit = lambda cfg: ["fit", "-c", str(SMOKE / cfg), *quiet, "--trainer.logger", "false",
+                       *by_steps.get(cfg.removesuffix(".yaml"), []),
                        *(["--trainer.max_steps", str(a.steps)] if a.steps else []), "--test_after_fit", "true",
                        *sgd]  # fmt: skip
     stages: dict[str, list[str]] = {}

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_check import validation_by_steps  # noqa: E402  (the sibling script)
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "smoke" / "pipeline.yaml"
 KINDS = ("base", "hnet", "adapt", "hvae", "hyperclip", "hyperldm")
@@ -59,20 +62,6 @@ def zero_shot(run: Path) -> dict[str, float]:
                 "accuracy"
             ]
     return rows
-
-
-def validation_by_steps() -> dict[str, list[str]]:
-    """Per stage kind that trains: validate every half of its ``trainer.max_steps``."""
-    out = {}
-    for kind in ("base", "hnet", "hvae", "hyperclip", "hyperldm"):
-        steps = int(OmegaConf.load(SMOKE.parent / f"{kind}.yaml").trainer.max_steps)
-        out[kind] = [
-            "--trainer.check_val_every_n_epoch",
-            "null",
-            "--trainer.val_check_interval",
-            str(steps // 2),
-        ]
-    return out
 
 
 def write_config(path: Path, common: dict[str, list[str]], extra: list[str]) -> Path:
