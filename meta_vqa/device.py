@@ -85,3 +85,44 @@ def reuse_freed_memory() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
+
+
+_MALLINFO2 = None
+
+
+def heap_in_use() -> int | None:
+    """Bytes the process holds from ``malloc`` right now (glibc's ``mallinfo2``: the blocks in use in every
+    arena plus those mapped on their own), or None where that cannot be read (another libc, glibc before
+    2.33, another allocator preloaded).
+
+    Unlike the resident set, this falls again when memory is freed and rises whenever it is allocated, even
+    into pages kept from earlier (:func:`reuse_freed_memory`), so the peak of a block of code can be read
+    from it. Torch's CPU tensors are ``malloc``'d.
+    """
+    global _MALLINFO2
+    if _MALLINFO2 is None:
+        _MALLINFO2 = False
+        if (
+            sys.platform.startswith("linux")
+            and platform.libc_ver()[0] == "glibc"
+            and "alloc" not in os.environ.get("LD_PRELOAD", "")
+        ):
+            try:
+                fn = ctypes.CDLL("libc.so.6").mallinfo2
+                fn.restype = _MallInfo2
+                _MALLINFO2 = fn
+            except (OSError, AttributeError):
+                pass
+    if not _MALLINFO2:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meta_vqa.device import device_name, resolve_device  # noqa: F401  (the benches import them from here)
+from meta_vqa.device import device_name, heap_in_use, resolve_device  # noqa: F401  (benches import them here)
 from meta_vqa.errors import MetaVQAError
 
 BENCHES = {
@@ -72,18 +72,25 @@ def _rss_bytes() -> int | None:
 class PeakMemory:
     """Peak memory of the code in a ``with`` block, in MiB (``.mib``; None where it cannot be measured).
 
-    CUDA: the allocator's peak (``max_memory_allocated``). CPU: the peak growth of the process's resident
-    set over its size at entry, sampled every ``interval`` s from /proc (Linux), so it counts what the
-    block allocates and frees again, up to the sampling granularity.
+    CUDA: the allocator's peak (``max_memory_allocated``). CPU: the peak growth of the bytes the process
+    holds from ``malloc`` over those held at entry (glibc's ``mallinfo2``), sampled every ``interval`` s, so
+    it counts what the block allocates and frees again, up to the sampling granularity; where that cannot
+    be read, the growth of the resident set (/proc, Linux), which misses memory reused from pages the
+    process already holds (the CLI keeps freed blocks mapped: :func:`meta_vqa.device.reuse_freed_memory`).
+    ``source`` names the measure used.
     """
 
-    def __init__(self, device: torch.device, interval: float = 0.002):
+    def __init__(self, device: torch.device, interval: float = 0.001):
         self.device, self.interval, self.mib = device, interval, None
         self._stop = threading.Event()
+        self._read = _rss_bytes
+        self.source = "cuda" if device.type == "cuda" else "rss"
+        if device.type != "cuda" and heap_in_use() is not None:
+            self._read, self.source = heap_in_use, "malloc"
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes() or 0)
+            self._peak = max(self._peak, self._read() or 0)
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -92,7 +99,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._base = _rss_bytes()
+            self._base = self._read()
             self._peak = self._base or 0
             if self._base is not None:
                 self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -106,7 +113,7 @@ class PeakMemory:
         elif self._base is not None:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _rss_bytes() or 0)
+            self._peak = max(self._peak, self._read() or 0)
             self.mib = (self._peak - self._base) / 2**20
 
 
@@ -180,7 +187,9 @@ def roofline(
 def memory_note(device: torch.device) -> str:
     if device.type == "cuda":
         return "CUDA allocator peak"
-    return "peak growth of the process resident set during the timed calls (sampled every 2 ms)"
+    if heap_in_use() is not None:
+        return "peak growth of the bytes held from malloc during the timed calls (glibc mallinfo2, sampled every 1 ms)"
+    return "peak growth of the process resident set during the timed calls (sampled every 1 ms)"
 
 
 def figure(
