@@ -91,3 +91,13 @@ def test_peak_memory_counts_memory_reused_from_pages_already_held():
     with PeakMemory(cpu) as quiet:
         time.sleep(0.01)
     assert abs(quiet.mib) < 1
+
+
+def test_timed_reports_the_median_of_the_calls(monkeypatch):
+    import meta_vqa.bench as bench
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "wall_times", lambda fn, device, repeats, warmup=1: [1.0, 3.0])
+    assert bench.timed(lambda: None, cpu, 2) == 2.0  # not the slower of two
+    monkeypatch.setattr(bench, "wall_times", lambda fn, device, repeats, warmup=1: [1.0, 2.0, 9.0])
+    assert bench.timed(lambda: None, cpu, 3) == 2.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -56,9 +57,10 @@ def wall_times(fn: Callable[[], object], device: torch.device, repeats: int, war
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` calls), synchronising CUDA."""
+    """Median wall time of ``fn`` in seconds (after ``warmup`` calls), synchronising CUDA; of an even number
+    of calls, the mean of the middle two."""
     times = wall_times(fn, device, repeats, warmup)
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def _rss_bytes() -> int | None:

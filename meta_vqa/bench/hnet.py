@@ -40,7 +40,7 @@ from meta_vqa.stages.hnet import HNetStage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_scale_arguments(p, repeats=2)
+    add_scale_arguments(p, repeats=3)
     p.add_argument("--latent", type=int, default=128, help="latent size")
     p.add_argument("--hnet-hidden", type=int, nargs="+", default=[128, 128, 128], help="HNet hidden widths")
 
