@@ -214,6 +214,14 @@ def test_smoke_pipeline_report(smoke_run):
     zs = lambda m: next(r["accuracy"] for r in records if r["method"] == m and r["shots"] == 0
                         and r.get("control", "aligned") == "aligned" and r.get("gamma") in (None, 1.0))  # fmt: skip
     assert zs("hnet_hyperldm") > zs("chance") + 5
+    # HyperCLIP's test summary sets the validation retrieval its best checkpoint was saved after beside the test one
+    import torch
+
+    for stage in ("hnet_hyperclip", "hvae_hyperclip"):
+        folder = run / "random" / "seed0" / stage
+        diag = json.loads((folder / "diagnostics.json").read_text())
+        saved = torch.load(folder / "best.ckpt", weights_only=True, map_location="cpu")["val_retrieval_acc"]
+        assert diag["val_retrieval_acc"] == pytest.approx(saved) and 0 <= saved <= 100
 
 
 @pytest.mark.slow

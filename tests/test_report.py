@@ -89,6 +89,10 @@ def test_a_guided_method_identical_to_its_generator_is_flagged():
     text = claims(recs, diag)
     assert "hvae_hyperclip equals its generator hvae in every column" in text
     assert "retrieval of the task's own question 3.1 % against chance 10.0 %" in text
+    # told apart on validation, not on the test tasks: a different message
+    held_out = claims(recs, [dict(diag[0], val_retrieval_acc=50.0)])
+    assert "3.1 % against chance 10.0 % on the test tasks, 50.0 % on the validation tasks" in held_out
+    assert "does not tell the tasks apart" not in held_out
     healthy = [dict(r, accuracy=r["accuracy"] + 5) if r["method"] == "hvae_hyperclip" else r for r in recs]
     assert "Stages that look broken" not in claims(healthy, [dict(diag[0], retrieval_acc=60.0)])
 

@@ -255,10 +255,19 @@ def broken(table: dict[Key, dict[int, float]], diagnostics: list[dict]) -> list[
     for d in diagnostics:
         acc, chance = d.get("retrieval_acc"), d.get("retrieval_chance")
         if acc is not None and chance is not None and acc < 1.5 * chance:
-            out.append(
+            head = (
                 f"- **{d.get('method')} (seed {d.get('seed')})**: retrieval of the task's own question "
-                f"{acc:.1f} % against chance {chance:.1f} %: its weight encoder does not tell the tasks apart."
+                f"{acc:.1f} % against chance {chance:.1f} %"
             )
+            val = d.get("val_retrieval_acc")
+            if val is not None and val >= 1.5 * chance:
+                out.append(
+                    f"{head} on the test tasks, {val:.1f} % on the validation tasks: its weight encoder tells "
+                    "apart the tasks it was trained and chosen on, not these (their questions lie outside what "
+                    "it learnt, e.g. a held-out question family)."
+                )
+            else:
+                out.append(f"{head}: its weight encoder does not tell the tasks apart.")
     return out
 
 

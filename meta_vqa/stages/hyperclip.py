@@ -85,6 +85,7 @@ class HyperCLIPStage(GuidanceStage):
         keys = ("acc_zero_shot", "acc_start", "retrieval_acc", "loss")
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.retrieval = {"hits": 0.0, "n": 0}
+        self.val_retrieval: float | None = None  # of the validation run a checkpoint was saved after
 
     # --- the classifier ------------------------------------------------------------------------------
     def similarity(self, w: Tensor, questions: Tensor) -> Tensor:
@@ -207,6 +208,16 @@ class HyperCLIPStage(GuidanceStage):
         self.retrieval["hits"] += hits.sum().item()
         self.retrieval["n"] += len(hits)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the validation retrieval the checkpoint was saved after, so that the test summary (from the best
+        # checkpoint) can set the test tasks' retrieval beside it
+        value = self.trainer.callback_metrics.get("val/retrieval_acc")
+        if value is not None:
+            checkpoint["val_retrieval_acc"] = float(value)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_retrieval = checkpoint.get("val_retrieval_acc")
+
     def test_epoch_summary(self) -> dict | None:
         hits, n = reduce_sum(self, self.retrieval["hits"]), reduce_sum(self, self.retrieval["n"])
         self.retrieval = {"hits": 0.0, "n": 0}
@@ -215,9 +226,12 @@ class HyperCLIPStage(GuidanceStage):
         acc = 100 * hits / n
         self.log("test/retrieval_acc", acc, rank_zero_only=True)
         way = self.hparams.retrieval_way
-        return {
+        summary = {
             "method": self.method,
             "retrieval_acc": acc,
             "retrieval_chance": 100 / way,
             "retrieval_way": way,
         }
+        if self.val_retrieval is not None:
+            summary["val_retrieval_acc"] = self.val_retrieval
+        return summary
