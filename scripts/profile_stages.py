@@ -5,7 +5,8 @@ HyperCLIP encoder D → 128 → 128 → 768, task sizes drawn like Meta-VQA's) a
 the profiled wall time split into:
 
 * shared D-wide matmuls: the HNet's output layer and HyperCLIP's first layer (forward, both backward
-  products, the fold of the two), i.e. every matrix product with a D-sized dimension;
+  products, the fold of the two, and the reorder of the packed output layer's weight), i.e. every matrix
+  product with a D-sized dimension;
 * small matmuls: the other linear layers (128-wide);
 * adapter products: the per-task batched products (bmm / baddbmm), and the share of them spent on padded
   examples (adapter time × padded-row fraction; the fraction is counted from the masks of every adapter
@@ -55,6 +56,8 @@ from meta_vqa.stages.hyperclip import HyperCLIPStage
 
 NEW_API = hasattr(maml, "plan_tasks")  # planned groups and buckets (else: chunks of a fixed task count)
 MATMULS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::_addmm_activation"}
+# the packed output layer (meta_vqa.nets.packed): its forward product, and the reorder of its weight
+MATMULS |= {"mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight"}
 ADAPTER = {"aten::bmm", "aten::baddbmm"}
 UPDATE_FRAMES = {"adapt", "_adam", "optimize_latents"}  # their own ops (not the loss they call) are updates
 STEP = "profile_stages.step"

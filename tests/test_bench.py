@@ -101,3 +101,27 @@ def test_timed_reports_the_median_of_the_calls(monkeypatch):
     assert bench.timed(lambda: None, cpu, 2) == 2.0  # not the slower of two
     monkeypatch.setattr(bench, "wall_times", lambda fn, device, repeats, warmup=1: [1.0, 2.0, 9.0])
     assert bench.timed(lambda: None, cpu, 3) == 2.0
+
+
+def test_timed_peak_times_no_call_under_the_memory_sampler():
+    """The peak is measured in a call of its own, made first: the sampler's thread (it takes CPU time and
+    malloc's lock) is running during that call only."""
+    import threading
+
+    from meta_vqa.bench import timed_peak
+
+    reuse_freed_memory()
+    threads = []
+
+    def fn():
+        threads.append(threading.active_count())
+        t = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
+        time.sleep(0.005)
+        del t
+
+    seconds, mib = timed_peak(fn, torch.device("cpu"), 3)
+    assert len(threads) == 4  # the measured call and 3 timed ones
+    if heap_in_use() is not None:  # glibc: the sampler thread runs in the first call only
+        assert threads[0] == threads[1] + 1 and len(set(threads[1:])) == 1
+        assert 7 <= mib <= 12
+    assert seconds >= 0.005

@@ -63,6 +63,16 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
+def timed_peak(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """``(median wall time of repeats calls in s, peak memory in MiB)``: the peak is measured in one more
+    call made first (it is also the warm-up), because on CPU the memory sampler takes CPU time and
+    ``malloc``'s lock while it runs (about 5 % of a paper-scale meta-step on 2 cores), so no timed call runs
+    under it."""
+    with PeakMemory(device) as m:
+        fn()
+    return timed(fn, device, repeats, warmup=0), m.mib
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:

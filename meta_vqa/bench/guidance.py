@@ -91,10 +91,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         return optimize_latents(z_init, score, hp.guidance_steps, hp.guidance_lr, hp.guidance_prior)
 
     limits = measure_limits(device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
+    with PeakMemory(device) as mem:  # one call for the memory, one timed (no sampler running: timed_peak)
         ours = torch.cat(list(stage.guided_controls(batch).values()))
-        t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage.guided_controls(batch)
+    t_ours = time.perf_counter() - t0
     sample = [round(i * (C * T - 1) / max(args.baseline_rows - 1, 1)) for i in range(args.baseline_rows)]
     t0 = time.perf_counter()
     loop = torch.cat([unfused(slice(r, r + 1)) for r in sample])

@@ -22,20 +22,21 @@ import functools
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from meta_vqa.bench import (
-    PeakMemory,
     Work,
     figure,
     measure_limits,
     memory_note,
     resolve_device,
     roofline,
-    timed,
+    timed_peak,
 )
 from meta_vqa.bench.maml import add_scale_arguments, draw_sizes, make_batch
 from meta_vqa.device import autocast
 from meta_vqa.meta.maml import InnerLoop, adapt_tasks, plan_tasks
+from meta_vqa.nets import packed
 from meta_vqa.stages.hnet import HNetStage
 
 
@@ -84,8 +85,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def meta_grad(tasks, collect: bool = True) -> torch.Tensor | None:
         """One meta-gradient; ``collect``: also return it flat (for the comparison, not the timing: the
-        copy of 50 M gradients is the bench's, not training's)."""
+        copy of 50 M gradients is the bench's, not training's). The output layer's weight is marked as
+        changed first, as training's optimizer step changes it: its packed copy is made again in every
+        timed call, as in every training step."""
         stage.zero_grad(set_to_none=True)
+        increment_version(stage.hnet.layers[-1].weight)
         with autocast(device, args.precision):
             stage.meta_gradient(tasks)
         return torch.cat([p.grad.flatten() for p in params]) if collect else None
@@ -131,10 +135,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for key, fns in sides.items():  # the per-task side first
         for name in ("loop", *(n for n in fns if n != "loop")):
             fn = functools.partial(fns[name], collect=False) if key == "meta" else fns[name]
-            with PeakMemory(device) as m:
-                times[key, name] = timed(fn, device, args.repeats)
-            peaks[key, name] = m.mib
+            times[key, name], peaks[key, name] = timed_peak(fn, device, args.repeats)
 
+    out_layer = stage.hnet.layers[-1]
+    with autocast(device, args.precision):
+        packs = isinstance(out_layer, packed.PackedLinear) and out_layer.packs(stage.z0[None].detach())
     s = torch.tensor([x[0] for x in sizes], dtype=torch.float64)
     q = torch.tensor([x[1] for x in sizes], dtype=torch.float64)
     dtype = batch.answers.dtype
@@ -171,6 +176,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "rel_max_diff_vs_loop": diffs,
         "precision": args.precision,
         "repeats": args.repeats,
+        "packed_output_layer": packs,
     }
     names = {"meta": ("meta_train", "tasks/s"), "adapt": ("adapted_latents", "latents/s")}
     out = []

@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from meta_vqa.bench import PeakMemory, figure, memory_note, resolve_device, timed
+from meta_vqa.bench import figure, memory_note, resolve_device, timed, timed_peak
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.device import PRECISIONS, autocast
 from meta_vqa.stages.base import BaseStage
@@ -122,11 +122,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     g_batched, g_loop = batched(), per_task()
     grad_diff = (g_batched - g_loop).abs().max().item() / max(g_loop.abs().max().item(), 1e-12)
-    with PeakMemory(device) as m_loop:  # the per-task side first (see PeakMemory on CPU)
-        t_loop = timed(per_task, device, args.repeats)
-    with PeakMemory(device) as m_batched:
-        t_batched = timed(batched, device, args.repeats)
-    peak_batched, peak_loop = m_batched.mib, m_loop.mib
+    t_loop, peak_loop = timed_peak(per_task, device, args.repeats)  # the per-task side first (PeakMemory)
+    t_batched, peak_batched = timed_peak(batched, device, args.repeats)
     chunks = batch.chunks(args.compare_chunks) if args.compare_chunks else None
     t_chunks = timed(lambda: meta_grad(chunks), device, args.repeats) if chunks else None
     config = {

@@ -8,18 +8,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from meta_vqa.nets.packed import linear
+
 
 class MLP(nn.Module):
     """``in → hidden... → out`` MLP with the authors' init.
 
     Hidden layers: Kaiming-normal with the activation's gain; output layer: Kaiming-normal with
-    linear gain (std = 1/sqrt(fan_in)); all biases zero.
+    linear gain (std = 1/sqrt(fan_in)); all biases zero. A wide output layer (a hypernetwork's, a VAE
+    decoder's: ``out_dim`` adapter weights) is a :class:`~meta_vqa.nets.packed.PackedLinear`, whose CPU
+    forward pass reads its weight prepacked; same parameters and state dict as ``nn.Linear``.
     """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "relu"):
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-2], dims[1:-1]))
+        self.layers.append(linear(dims[-2], dims[-1]))
         self.act = {"relu": nn.ReLU(), "softplus": nn.Softplus()}[activation]
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1

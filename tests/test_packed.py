@@ -1,0 +1,174 @@
+"""The packed linear layer (the hypernetwork's wide output layer on CPU): the same values and gradients as
+``nn.Linear``, the weight gradient left out where the backward pass does not reach the weight, a new packed
+copy after every in-place change of the weight, and the same meta-gradients and adapted latents through a
+whole HNet-MAML step with packing on and off."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from meta_vqa.meta.maml import InnerLoop
+from meta_vqa.nets import packed
+from meta_vqa.nets.hypernet import MLP
+from meta_vqa.nets.packed import PackedLinear
+
+needs_packing = pytest.mark.skipif(
+    not packed.available(), reason="no oneDNN packed linear in this torch build"
+)
+
+
+def layer(in_dim: int = 24, out_dim: int = 300, seed: int = 0) -> PackedLinear:
+    torch.manual_seed(seed)
+    lin = PackedLinear(in_dim, out_dim)
+    with torch.no_grad():
+        lin.bias.normal_()
+    return lin
+
+
+def mm_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for ev in prof.events() if ev.name == "aten::mm")
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(1, 24), (7, 24), (33, 24), (3, 5, 24)])
+def test_forward_and_gradients_equal_nn_linear(shape):
+    lin = layer()
+    x = torch.randn(*shape, requires_grad=True)
+    y = lin(x)
+    ref = F.linear(x, lin.weight, lin.bias)
+    assert y.shape == ref.shape == (*shape[:-1], 300)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, lin.weight, lin.bias), g)
+    want = torch.autograd.grad(ref, (x, lin.weight, lin.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_the_weight_gradient_is_formed_only_where_the_backward_pass_reaches_the_weight():
+    lin = layer()
+    x = torch.randn(32, 24, requires_grad=True)
+    # to the input only (the inner loop's gradient with respect to the latents): one product, g W
+    assert mm_calls(lambda: torch.autograd.grad(lin(x).square().sum(), x)) == 1
+    assert lin.weight.grad is None
+    # to every leaf: g W and gᵀ x
+    assert mm_calls(lambda: lin(x).square().sum().backward()) == 2
+    assert lin.weight.grad is not None and lin.bias.grad is not None
+    lin.weight.grad = lin.bias.grad = None
+    # to the weight only (an input that needs no gradient)
+    assert mm_calls(lambda: lin(x.detach()).square().sum().backward()) == 1
+    assert x.grad is not None and lin.weight.grad is not None  # x.grad from the call before
+
+
+@needs_packing
+def test_second_order_gradients_equal_nn_linear():
+    """The backward pass is made of differentiable ops: a gradient of a gradient (second-order MAML)
+    through the layer equals nn.Linear's."""
+    lin = layer(8, 40)
+    x = torch.randn(6, 8, requires_grad=True)
+
+    def second(f):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (lin.weight, lin.bias))
+
+    got = second(lin)
+    want = second(lambda z: F.linear(z, lin.weight, lin.bias))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_packing
+def test_an_in_place_change_of_the_weight_packs_it_again():
+    lin = layer()
+    x = torch.randn(4, 24)
+    lin(x)
+    first = packed._PACKS[lin.weight][1]
+    assert packed.packed_weight(lin.weight, 4) is first  # unchanged weight: the same copy
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).sum().backward()
+    opt.step()  # an in-place update
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert packed._PACKS[lin.weight][1] is not first
+    lin.load_state_dict(nn.Linear(24, 300).state_dict())  # copies into the parameters in place
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_no_grad_and_inference_mode():
+    lin = layer()
+    x = torch.randn(5, 24)
+    ref = F.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    packed.forget(lin.weight)
+    with torch.inference_mode():  # the packed copy made here is used outside it too
+        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    y = lin(x.requires_grad_())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(5, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_nn_linear_off_the_packed_path(monkeypatch):
+    def check(lin, x):
+        packed.forget(lin.weight)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = lin(x)
+        names = {ev.name for ev in prof.events()}
+        assert not any(n.startswith("mkldnn::") for n in names), names
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))
+        assert lin.weight not in packed._PACKS
+
+    check(layer().double(), torch.randn(3, 24, dtype=torch.float64))  # float64: nn.Linear's forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the weight: nn.Linear's forward
+        lin = layer()
+        y = lin(torch.randn(3, 24))
+        assert y.dtype == torch.bfloat16 and lin.weight not in packed._PACKS
+    monkeypatch.setenv("META_VQA_PACKED_LINEAR", "0")  # turned off
+    check(layer(), torch.randn(3, 24))
+
+
+def test_mlp_packs_only_a_wide_output_layer():
+    wide = MLP(16, [32], packed.MIN_WEIGHTS // 32)
+    assert [type(m) for m in wide.layers] == [nn.Linear, PackedLinear]
+    narrow = MLP(16, [32], 64)
+    assert [type(m) for m in narrow.layers] == [nn.Linear, nn.Linear]
+    assert list(wide.state_dict()) == list(narrow.state_dict())  # the same keys as nn.Linear's
+
+
+@needs_packing
+def test_hnet_maml_step_is_the_same_with_packing_on_and_off(monkeypatch):
+    """A meta-gradient and the adapted latents of a small HNet whose output layer is packed equal those of
+    the same HNet with packing turned off (the same float32 arithmetic, up to reassociation)."""
+    from meta_vqa.bench.maml import draw_sizes, make_batch
+    from meta_vqa.stages.hnet import HNetStage
+
+    monkeypatch.setattr(packed, "MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    stage = HNetStage(
+        feature_dim=32, question_dim=32, adapter_hidden=16, latent_dim=8, hnet_hidden=(16, 16), inner_steps=3
+    )
+    assert isinstance(stage.hnet.layers[-1], PackedLinear)
+    batch = make_batch(draw_sizes(6, np.random.default_rng(0)), 32, 32, torch.device("cpu"), 0)
+    params = [p for p in stage.parameters() if p.requires_grad]
+
+    def run():
+        stage.zero_grad(set_to_none=True)
+        stats = stage.meta_gradient(batch)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        return stats.loss, grads, stage.support_latents(batch, InnerLoop(3, 0.1, True))
+
+    loss_on, grads_on, latents_on = run()
+    assert stage.hnet.layers[-1].weight in packed._PACKS
+    monkeypatch.setenv("META_VQA_PACKED_LINEAR", "0")
+    loss_off, grads_off, latents_off = run()
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_on, grads_off, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(latents_on, latents_off, rtol=1e-4, atol=1e-6)
