@@ -23,11 +23,18 @@ needs_packing = pytest.mark.skipif(
 
 
 def layer(in_dim: int = 24, out_dim: int = 300, seed: int = 0) -> PackedLinear:
+    """A packed layer whose weight has been read once already: its next forward passes are packed."""
     torch.manual_seed(seed)
     lin = PackedLinear(in_dim, out_dim)
     with torch.no_grad():
         lin.bias.normal_()
+        lin(torch.zeros(1, in_dim))
     return lin
+
+
+def copy_of(lin: PackedLinear):
+    hit = packed._PACKS.get(lin.weight)
+    return None if hit is None else hit[1]
 
 
 def mm_calls(fn) -> int:
@@ -86,19 +93,39 @@ def test_second_order_gradients_equal_nn_linear():
 
 
 @needs_packing
-def test_an_in_place_change_of_the_weight_packs_it_again():
+def test_an_in_place_change_of_the_weight_packs_it_again_at_its_second_pass():
     lin = layer()
     x = torch.randn(4, 24)
     lin(x)
-    first = packed._PACKS[lin.weight][1]
+    first = copy_of(lin)
+    assert first is not None
     assert packed.packed_weight(lin.weight, 4) is first  # unchanged weight: the same copy
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     lin(x).sum().backward()
     opt.step()  # an in-place update
-    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-    assert packed._PACKS[lin.weight][1] is not first
+    for _ in range(2):  # the first pass of the new version reads the weight as it is, the second packs it
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert copy_of(lin) is not None and copy_of(lin) is not first
     lin.load_state_dict(nn.Linear(24, 300).state_dict())  # copies into the parameters in place
+    assert copy_of(lin) is not None  # dropped at the next pass, not before
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert copy_of(lin) is None
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_a_weight_read_once_per_version_is_never_packed():
+    """Plain training (one forward pass per optimizer step) never pays for a reorder."""
+    lin = PackedLinear(24, 300)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            opt.zero_grad()
+            lin(torch.randn(8, 24)).square().mean().backward()
+            opt.step()
+    names = [ev.name for ev in prof.events()]
+    assert not any(n.startswith("mkldnn::") for n in names)
+    assert copy_of(lin) is None
 
 
 @needs_packing
@@ -110,7 +137,9 @@ def test_no_grad_and_inference_mode():
         torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
     packed.forget(lin.weight)
     with torch.inference_mode():  # the packed copy made here is used outside it too
-        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    assert copy_of(lin) is not None
     y = lin(x.requires_grad_())
     y.sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(5, -1), rtol=1e-5, atol=1e-5)
@@ -120,7 +149,8 @@ def test_falls_back_to_nn_linear_off_the_packed_path(monkeypatch):
     def check(lin, x):
         packed.forget(lin.weight)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            y = lin(x)
+            lin(x)
+            y = lin(x)  # a second pass of the same weight: the one that would pack it
         names = {ev.name for ev in prof.events()}
         assert not any(n.startswith("mkldnn::") for n in names), names
         torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))
@@ -129,6 +159,7 @@ def test_falls_back_to_nn_linear_off_the_packed_path(monkeypatch):
     check(layer().double(), torch.randn(3, 24, dtype=torch.float64))  # float64: nn.Linear's forward
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the weight: nn.Linear's forward
         lin = layer()
+        lin(torch.randn(3, 24))
         y = lin(torch.randn(3, 24))
         assert y.dtype == torch.bfloat16 and lin.weight not in packed._PACKS
     monkeypatch.setenv("META_VQA_PACKED_LINEAR", "0")  # turned off
@@ -166,7 +197,7 @@ def test_hnet_maml_step_is_the_same_with_packing_on_and_off(monkeypatch):
         return stats.loss, grads, stage.support_latents(batch, InnerLoop(3, 0.1, True))
 
     loss_on, grads_on, latents_on = run()
-    assert stage.hnet.layers[-1].weight in packed._PACKS
+    assert copy_of(stage.hnet.layers[-1]) is not None
     monkeypatch.setenv("META_VQA_PACKED_LINEAR", "0")
     loss_off, grads_off, latents_off = run()
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)

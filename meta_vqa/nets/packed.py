@@ -6,8 +6,9 @@ half of this kind of machine's matmul rate. oneDNN, reading the weight in the bl
 into, runs the same product about 1.6× faster at 32 rows (and faster at every row count from 1 to 100), with
 the same float32 arithmetic. The weight changes only when an optimizer steps, while one meta-step passes
 through it 11 times (10 inner steps and the outer pass) and the adaptation of the whole dataset hundreds of
-times, so the reordered copy is made once per version of the weight and kept, beside the parameter, until
-the weight changes in place (an optimizer step, ``load_state_dict``) or is replaced.
+times, so the reordered copy is made once per version of the weight, at its second forward pass (a layer
+read once per optimizer step never pays for one), and kept until the weight changes in place (an optimizer
+step, ``load_state_dict``) or is replaced.
 
 The backward pass is the ordinary one (``∂x = g W``, ``∂W = gᵀ x``, ``∂b = Σ g``, written with
 differentiable ops, so second-order MAML can differentiate through it), and like PyTorch's own linear layer
@@ -61,18 +62,23 @@ def available() -> bool:
     return _AVAILABLE
 
 
-def packed_weight(weight: Tensor, rows: int) -> Tensor:
-    """oneDNN's packed copy of ``weight`` ``[out, in]`` for about ``rows`` input rows, made once per version of
-    the weight (an in-place change or a new tensor makes a new one; the old copy is freed first)."""
+def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
+    """oneDNN's packed copy of ``weight`` ``[out, in]`` for about ``rows`` input rows, or None.
+
+    None at the first forward pass of a version of the weight: the copy is made at the second pass of the
+    same version and kept until the weight changes in place or is replaced (the old copy is freed first).
+    A layer read once per optimizer step (the HVAE's decoder, a trained hypernetwork's plain training step)
+    so never pays for a reorder it would not win back; a meta-step, which reads it 11 times, packs it once.
+    """
     key = (weight._version, weight.data_ptr(), tuple(weight.shape))
     hit = _PACKS.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    _PACKS.pop(weight, None)  # never two copies of a 200 MB matrix at once
-    with torch.no_grad(), torch.inference_mode(False):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(1, rows))
-    _PACKS[weight] = (key, packed)
-    return packed
+    if hit is None or hit[0] != key:
+        _PACKS[weight] = (key, None)  # the first pass of this version (an older copy is dropped)
+        return None
+    if hit[1] is None:
+        with torch.no_grad(), torch.inference_mode(False):
+            _PACKS[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(1, rows)))
+    return _PACKS[weight][1]
 
 
 def forget(weight: Tensor) -> None:
@@ -128,7 +134,10 @@ class PackedLinear(nn.Linear):
         if not self.packs(x):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        y = _PackedLinearFn.apply(flat, self.weight, self.bias, packed_weight(self.weight, flat.shape[0]))
+        copy = packed_weight(self.weight, flat.shape[0])
+        if copy is None:
+            return F.linear(x, self.weight, self.bias)
+        y = _PackedLinearFn.apply(flat, self.weight, self.bias, copy)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
