@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from meta_vqa.bench import PeakMemory
+from meta_vqa.bench import PeakMemory, cpu_times, steal_fraction
 from meta_vqa.cli import main
 from meta_vqa.device import heap_in_use, reuse_freed_memory
 
@@ -52,6 +52,16 @@ def test_bench_prints_the_figure_contract(name, extra, capsys):
         if r["ratio"] is not None:
             # throughput: higher is better, so the ratio is ours over the baseline's
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=1e-6)
+        if sys.platform.startswith("linux"):  # the hypervisor's share of the CPU time during the run
+            assert 0.0 <= r["config"]["cpu_steal_fraction"] <= 1.0
+
+
+def test_steal_fraction_reads_the_steal_column_of_proc_stat():
+    stat = lambda steal, idle: f"cpu  100 0 50 {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"  # noqa: E731
+    before, after = cpu_times(stat(10, 840)), cpu_times(stat(40, 900))
+    assert before == (10, 1000) and after == (40, 1090)
+    assert steal_fraction(before, after) == pytest.approx(30 / 90)
+    assert steal_fraction(before, None) is None and cpu_times("intr 1 2 3\n") is None
 
 
 def test_bench_guidance_reports_wall_time_against_the_per_task_loop(capsys):

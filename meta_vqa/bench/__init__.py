@@ -236,6 +236,33 @@ def emit(figures: list[dict], as_json: bool) -> None:
             print(f"{f['bench']}/{f['figure']}: {f['value']:.4g} {f['unit']}{base}{ratio}  [{f['device']}]")
 
 
+def cpu_times(stat: str | None = None) -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from ``/proc/stat`` (or its text ``stat``); None off Linux.
+
+    Steal is the time the hypervisor gave this VM's virtual CPUs to someone else: on a shared host it slows
+    every timed call by that fraction, so each bench records it beside its figures."""
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            if len(ticks) < 8:
+                return None
+            return ticks[7], sum(ticks)
+    return None
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, BENCHES))
@@ -256,6 +283,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per figure")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    emit(module.run(args), args.json)
+    before = cpu_times()
+    figures = module.run(args)
+    steal = steal_fraction(before, cpu_times())
+    if steal is not None:
+        for f in figures:
+            f["config"] = {**f["config"], "cpu_steal_fraction": steal}
+        if steal > 0.05 and not args.json:
+            print(
+                f"note: the hypervisor took {steal:.0%} of this machine's CPU time during the run (steal); "
+                "absolute rates are low by about that much, ratios within the run less so"
+            )
+    emit(figures, args.json)
     sys.stdout.flush()
     return 0
