@@ -114,6 +114,39 @@ def test_an_in_place_change_of_the_weight_packs_it_again_at_its_second_pass():
 
 
 @needs_packing
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.05, fused=True),  # writes without bumping the version counter
+        lambda ps: torch.optim.Adam(ps, lr=0.05, foreach=True),
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, foreach=False),
+        lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
+    ],
+    ids=["adam-fused", "adam-foreach", "adamw-loop", "sgd"],
+)
+def test_training_with_any_optimizer_equals_nn_linear(make_opt):
+    """Each step reads the weight three times (so it is packed) before the optimizer changes it: the packed
+    layer never computes with a copy of an older weight, whatever the optimizer's kernel."""
+    lin, ref = layer(), nn.Linear(24, 300)
+    ref.load_state_dict(lin.state_dict())
+    x, target = torch.randn(6, 24), torch.randn(6, 300)
+    opts = make_opt(list(lin.parameters())), make_opt(list(ref.parameters()))
+    for step in range(4):
+        for net, opt in zip((lin, ref), opts):
+            opt.zero_grad()
+            with torch.no_grad():
+                net(x), net(x)
+            (net(x) - target).square().mean().backward()
+            opt.step()
+        assert copy_of(lin) is None  # the step dropped the copy of the weight it changed
+        torch.testing.assert_close(lin.weight, ref.weight, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            lin(x)  # the first pass of the new weight
+            torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert copy_of(lin) is not None, step
+
+
+@needs_packing
 def test_a_weight_read_once_per_version_is_never_packed():
     """Plain training (one forward pass per optimizer step) never pays for a reorder."""
     lin = PackedLinear(24, 300)

@@ -7,8 +7,13 @@ into, runs the same product about 1.6× faster at 32 rows (and faster at every r
 the same float32 arithmetic. The weight changes only when an optimizer steps, while one meta-step passes
 through it 11 times (10 inner steps and the outer pass) and the adaptation of the whole dataset hundreds of
 times, so the reordered copy is made once per version of the weight, at its second forward pass (a layer
-read once per optimizer step never pays for one), and kept until the weight changes in place (an optimizer
-step, ``load_state_dict``) or is replaced.
+read once per optimizer step never pays for one), and kept until the weight changes in place or is replaced.
+A change is seen two ways: the tensor's version counter, which in-place ops bump (``load_state_dict``,
+``copy_``, the foreach and for-loop optimizers), and a hook run after every ``torch.optim`` optimizer's
+step, which drops the copies of the parameters it stepped: fused optimizers (``Adam(fused=True)``, which
+our configs use) write the weights without bumping their version counters, so the counter alone would keep
+a stale copy. Writing a packed layer's weight through ``.data`` is the one change neither sees; call
+:func:`forget` after it.
 
 The backward pass is the ordinary one (``∂x = g W``, ``∂W = gᵀ x``, ``∂b = Σ g``, written with
 differentiable ops, so second-order MAML can differentiate through it), and like PyTorch's own linear layer
@@ -30,6 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_WEIGHTS = 1 << 20  # 4 MiB of float32: smaller layers keep nn.Linear's forward
@@ -84,6 +90,19 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
 def forget(weight: Tensor) -> None:
     """Drop the packed copy of ``weight`` (it is made again at the next forward pass)."""
     _PACKS.pop(weight, None)
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step: drop the packed copies of the parameters it may have changed."""
+    if len(_PACKS) == 0:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _PACKS.pop(p, None)
+
+
+# process-wide: an optimizer built anywhere (Lightning's, a user's loop) keeps the copies current
+_STEP_HOOK = register_optimizer_step_post_hook(_forget_stepped)
 
 
 def _reached(t: Tensor) -> bool:
