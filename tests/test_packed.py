@@ -18,8 +18,15 @@ from meta_vqa.nets.hypernet import MLP
 from meta_vqa.nets.packed import PackedLinear
 
 needs_packing = pytest.mark.skipif(
-    not packed.available(), reason="no oneDNN packed linear in this torch build"
+    not (torch.backends.mkldnn.is_available() and packed._self_check()),
+    reason="no oneDNN packed linear in this torch build",
 )
+
+
+@pytest.fixture(autouse=True)
+def packing_on(monkeypatch):
+    """The packed path is opt-in: these tests turn it on (a test may turn it off again)."""
+    monkeypatch.setenv("META_VQA_PACKED_LINEAR", "1")
 
 
 def layer(in_dim: int = 24, out_dim: int = 300, seed: int = 0) -> PackedLinear:
