@@ -243,3 +243,35 @@ def test_hnet_maml_step_is_the_same_with_packing_on_and_off(monkeypatch):
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads_on, grads_off, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(latents_on, latents_off, rtol=1e-4, atol=1e-6)
+
+
+@needs_packing
+def test_every_packed_pass_of_a_lightning_run_reads_the_current_weight(synthetic_root, tmp_path, monkeypatch):
+    """A whole `meta-vqa fit` of the smoke HNet-MAML (fused Adam, validation every epoch, the best checkpoint
+    loaded back for the test) with the output layer packed: every packed forward pass gives ``F.linear``'s
+    output on the weight as it is at that moment, so nothing Lightning or the optimizer does to the weight
+    (steps, checkpoint loads, evaluation modes) leaves a stale packed copy in use."""
+    from pathlib import Path
+
+    from meta_vqa.cli import main
+
+    monkeypatch.setattr(packed, "MIN_WEIGHTS", 0)
+    seen = {"passes": 0, "worst": 0.0}
+    forward = packed._PackedLinearFn.forward
+
+    def checked(ctx, x, weight, bias, copy):
+        y = forward(ctx, x, weight, bias, copy)
+        ref = F.linear(x, weight, bias)
+        seen["passes"] += 1
+        seen["worst"] = max(seen["worst"], ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item())
+        return y
+
+    monkeypatch.setattr(packed._PackedLinearFn, "forward", staticmethod(checked))
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "conf" / "smoke" / "hnet.yaml"
+    args = ["fit", "-c", str(config), "--data.root", str(synthetic_root), "--stage_dir", str(tmp_path / "h")]
+    args += ["--trainer.max_steps", "12", "--trainer.check_val_every_n_epoch", "1"]
+    args += ["--model.init_args.optimizer.init_args.fused", "true", "--trainer.enable_progress_bar", "false"]
+    assert main([*args, "--test_after_fit", "true"]) == 0
+    assert seen["passes"] > 50, seen  # inner steps, outer passes, validation and test all went through it
+    assert seen["worst"] < 1e-5, seen

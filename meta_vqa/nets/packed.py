@@ -23,11 +23,14 @@ formed.
 
 The packed path is taken on CPU, in float32, outside autocast, where this build of PyTorch has oneDNN and the
 private operators it uses (they back ``torch.compile``'s CPU weight prepacking); it checks itself once
-against ``F.linear`` and falls back to ``F.linear`` anywhere else. It is opt-in for now
-(``META_VQA_PACKED_LINEAR=1``): each layer equals ``nn.Linear`` up to float32 reassociation, but a seed-0
-run of the whole Meta-EasyVQA chain with it on ended outside the seed spread of the chain without it (the
-hnet stage's zero-shot accuracy and the HyperLDM trained on its latents), which is not yet explained. Only layers with at least ``MIN_WEIGHTS`` weights are packed: below that,
-the reorder costs more than it saves.
+against ``F.linear`` and falls back to ``F.linear`` anywhere else. It is opt-in
+(``META_VQA_PACKED_LINEAR=1``): each pass equals ``nn.Linear``'s up to the order of float32 additions, but
+HNet-MAML's training amplifies such differences (two runs of one seed part after 50-100 meta-steps), and on
+Meta-EasyVQA the zero-shot accuracy of the meta-learned start latent then falls in one of two groups (about
+50 or about 60). Which one depends on the summation order as much as on the seed: with packing on, three
+seeds gave the lower group; without it, two threads gave the upper on all three and one thread the lower on
+two. Off by default, a 2-thread run reproduces the README's table. Only layers with at least
+``MIN_WEIGHTS`` weights are packed: below that, the reorder costs more than it saves.
 """
 
 from __future__ import annotations
