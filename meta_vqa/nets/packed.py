@@ -62,11 +62,16 @@ def _self_check() -> bool:
     return bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
 
 
+def requested() -> bool:
+    """Whether the environment asks for the packed path (``META_VQA_PACKED_LINEAR=1``; off otherwise)."""
+    return os.environ.get("META_VQA_PACKED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def available() -> bool:
-    """Whether the packed path can be used in this process (checked once; the environment variable
-    ``META_VQA_PACKED_LINEAR=1`` asks for it; it is off otherwise)."""
+    """Whether the packed path can be used in this process: :func:`requested`, and oneDNN's packed linear
+    present and correct here (checked once)."""
     global _AVAILABLE
-    if os.environ.get("META_VQA_PACKED_LINEAR", "0").strip().lower() not in ("1", "true", "yes", "on"):
+    if not requested():
         return False
     if _AVAILABLE is None:
         _AVAILABLE = torch.backends.mkldnn.is_available() and _self_check()
