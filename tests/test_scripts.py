@@ -84,3 +84,58 @@ def test_profile_stages_accounts_for_the_whole_step(tmp_path):
         pad = st["padded_fraction"]
         assert (pad is None) == (name == "guidance") and (pad is None or 0.0 <= pad < 1.0)
         assert f"== {name}:" in run.stdout
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zero_shot_answers_reproduces_the_stage_zero_shot_accuracy(smoke_hnet, capsys):
+    """The script's zero-shot accuracy is the one the HNet stage's test wrote (the same weights, the same
+    tasks), its counts are consistent, and a checkpoint compared with itself differs on no task."""
+    import json
+
+    zs = _script("zero_shot_answers")
+    ckpt = str(smoke_hnet["ckpt"])
+    assert zs.main([ckpt, ckpt, "--diff", "--json", "--data-root", str(smoke_hnet["root"])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    first, second = (json.loads(line) for line in lines[:2])
+    assert lines[2:] == []  # --diff of a checkpoint with itself: no task differs
+    assert first == second
+    (record,) = [r for r in smoke_hnet["results"] if r["method"] == "hnet_maml" and r["shots"] == 0]
+    assert first["zero_shot_accuracy"] == pytest.approx(record["accuracy"], abs=1e-4)
+    assert first["tasks"] == record["n_tasks"]
+    assert 0 <= first["tasks_one_answer_for_all"] <= first["tasks"]
+    assert 0 < first["mean_modal_share"] <= 1
+    assert 0 < first["most_given_answer_share"] <= 1
+
+
+def test_zero_shot_answers_summary_counts_constant_answers():
+    zs = _script("zero_shot_answers")
+    tasks = {
+        0: zs.TaskAnswers(0.9, "yes", 1.0, {"yes": 9, "no": 1}, {"yes": 10}),
+        1: zs.TaskAnswers(0.1, "yes", 1.0, {"yes": 1, "no": 9}, {"yes": 10}),
+        2: zs.TaskAnswers(0.5, "red", 0.5, {"red": 2, "blue": 2}, {"red": 2, "blue": 2}),
+    }
+    s = zs.summary(tasks)
+    assert s == {
+        "zero_shot_accuracy": pytest.approx(100 * 1.5 / 3),
+        "tasks": 3,
+        "tasks_one_answer_for_all": 2,
+        "mean_modal_share": pytest.approx(2.5 / 3),
+        "most_given_answer": "yes",
+        "most_given_answer_share": pytest.approx(20 / 24),
+    }
+
+
+def test_zero_shot_answers_names_a_missing_checkpoint(tmp_path, capsys):
+    zs = _script("zero_shot_answers")
+    missing = tmp_path / "nope.ckpt"
+    assert zs.main([str(missing)]) == 2
+    assert f"{missing}: checkpoint not found" in capsys.readouterr().err
