@@ -240,17 +240,13 @@ def _read_json(path: Path) -> dict | None:
 
 def stage_hash(stage: Stage, upstream_runs: dict[str, str], data_digest: str) -> str:
     """What a stage's result depends on: its command, the bytes of its YAML and of the defaults it builds
-    on, the data, its upstream runs, and the prepacked output layer where it is asked for
-    (``META_VQA_PACKED_LINEAR=1``: it changes the order of float32 additions, which moves the HNet chain's
-    results; a run without it keeps the hash it always had)."""
+    on, the data and its upstream runs. (Not ``META_VQA_PACKED_LINEAR``: the packed output layer gives the
+    default layer's results bit for bit.)"""
     from meta_vqa.lightning_cli import default_files
-    from meta_vqa.nets import packed
 
     h = hashlib.sha256()
     argv = _without(stage.argv, DISPLAY_ARGS)
     h.update(json.dumps([argv, upstream_runs, data_digest], sort_keys=True).encode())
-    if packed.requested():
-        h.update(b"META_VQA_PACKED_LINEAR=1")
     if stage.config is not None and stage.config.is_file():
         for path in [*default_files(stage.config), stage.config]:
             h.update(path.read_bytes())

@@ -307,10 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         allocator = "freed blocks reused" if reuse_freed_memory() else "glibc default"
     except ImportError:
         allocator = "glibc default"
+    try:  # the packed output layer, where the profiled tree has it (META_VQA_PACKED_LINEAR=0: off)
+        from meta_vqa.nets import packed
+
+        output_layer = "packed" if packed.available() else "nn.Linear"
+    except ImportError:
+        output_layer = "nn.Linear"
     torch.manual_seed(args.seed)
     api = "planned groups and buckets" if NEW_API else f"chunks of {args.chunk_size} tasks"
     print(
-        f"# {api}; allocator: {allocator}; torch {torch.__version__}, {torch.get_num_threads()} threads; tasks {args.tasks}, "
+        f"# {api}; allocator: {allocator}; output layer: {output_layer}; torch {torch.__version__}, {torch.get_num_threads()} threads; tasks {args.tasks}, "
         f"steps {args.steps}, guidance {args.guidance_tasks} tasks × 3 controls × {args.guidance_steps} steps"
     )
     out = {"api": api, "args": vars(args), "stages": {}}

@@ -3,17 +3,16 @@
 The hypernetwork's output layer turns a 128-wide code into the 394,240 weights of a task's adapter: its
 forward pass is a thin product, ``[tasks, 128] × [128, 394,240]``, which the default CPU GEMM runs at about
 half of this kind of machine's matmul rate. oneDNN, reading the weight in the blocked layout it reorders it
-into, runs the same product about 1.6× faster at 32 rows (and faster at every row count from 1 to 100), with
-the same float32 arithmetic. The weight changes only when an optimizer steps, while one meta-step passes
-through it 11 times (10 inner steps and the outer pass) and the adaptation of the whole dataset hundreds of
-times, so the reordered copy is made once per version of the weight, at its second forward pass (a layer
-read once per optimizer step never pays for one), and kept until the weight changes in place or is replaced.
-A change is seen two ways: the tensor's version counter, which in-place ops bump (``load_state_dict``,
-``copy_``, the foreach and for-loop optimizers), and a hook run after every ``torch.optim`` optimizer's
-step, which drops the copies of the parameters it stepped: fused optimizers (``Adam(fused=True)``, which
-our configs use) write the weights without bumping their version counters, so the counter alone would keep
-a stale copy. Writing a packed layer's weight through ``.data`` is the one change neither sees; call
-:func:`forget` after it.
+into, runs the same product about 1.5× faster at 32 rows (and faster at every row count from 1 to 100). The
+weight changes only when an optimizer steps, while one meta-step passes through it 11 times (10 inner steps
+and the outer pass) and the adaptation of the whole dataset hundreds of times, so the reordered copy is made
+once per version of the weight, at its second forward pass (a layer read once per optimizer step never pays
+for one), and kept until the weight changes in place or is replaced. A change is seen two ways: the tensor's
+version counter, which in-place ops bump (``load_state_dict``, ``copy_``, the foreach and for-loop
+optimizers), and a hook run after every ``torch.optim`` optimizer's step, which drops the copies of the
+parameters it stepped: fused optimizers (``Adam(fused=True)``, which our configs use) write the weights
+without bumping their version counters, so the counter alone would keep a stale copy. Writing a packed layer's
+weight through ``.data`` is the one change neither sees; call :func:`forget` after it.
 
 The backward pass is the ordinary one (``∂x = g W``, ``∂W = gᵀ x``, ``∂b = Σ g``, written with
 differentiable ops, so second-order MAML can differentiate through it), and like PyTorch's own linear layer
@@ -22,15 +21,18 @@ asks for the gradient with respect to the latents only, and the 50 M-entry weigh
 formed.
 
 The packed path is taken on CPU, in float32, outside autocast, where this build of PyTorch has oneDNN and the
-private operators it uses (they back ``torch.compile``'s CPU weight prepacking); it checks itself once
-against ``F.linear`` and falls back to ``F.linear`` anywhere else. It is opt-in
-(``META_VQA_PACKED_LINEAR=1``): each pass equals ``nn.Linear``'s up to the order of float32 additions, but
-HNet-MAML's training amplifies such differences (two runs of one seed part after 50-100 meta-steps), and on
-Meta-EasyVQA the zero-shot accuracy of the meta-learned start latent then falls in one of two groups (about
-50 or about 60). Which one depends on the summation order as much as on the seed: with packing on, three
-seeds gave the lower group; without it, two threads gave the upper on all three and one thread the lower on
-two. Off by default, a 2-thread run reproduces the README's table. Only layers with at least
-``MIN_WEIGHTS`` weights are packed: below that, the reorder costs more than it saves.
+private operators it uses (they back ``torch.compile``'s CPU weight prepacking), and only for the row counts
+at which it gives ``F.linear``'s result bit for bit. oneDNN's packed kernel and the default GEMM sum the same
+products in the same order except for the thinnest inputs (on this kind of CPU: up to 3 rows at the
+Meta-EasyVQA width, up to 5 at the paper's), where the default takes another route; which row counts agree is
+measured once per weight shape in each process (:func:`exact_from`) on rows 1-16, 32 and 64, and any pass with
+fewer rows than the smallest agreeing count runs ``F.linear``. So turning packing on or off does not move a
+single bit of a run (a pass at 64 rows or more is taken to agree as the checked ones do; 65-512 rows agreed
+when tried). This matters because HNet-MAML's training amplifies any difference in the order of float32
+additions (two runs of one seed part after 50-100 meta-steps, and the zero-shot accuracy of the meta-learned
+start latent on Meta-EasyVQA then falls in one of two groups, about 50 or about 60). On by default;
+``META_VQA_PACKED_LINEAR=0`` turns it off. Only layers with at least ``MIN_WEIGHTS`` weights are packed: below
+that, the reorder costs more than it saves.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_WEIGHTS = 1 << 20  # 4 MiB of float32: smaller layers keep nn.Linear's forward
+PACK_ROWS = 32  # the row count oneDNN lays the packed copy out for (the speed hardly depends on it)
+CHECK_ROWS = (*range(1, 17), 32, 64)  # row counts at which exact_from compares the two paths
 
 _PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version, the packed copy)
 _AVAILABLE: bool | None = None
+_EXACT_FROM: dict[tuple[int, int], int | None] = {}  # (out, in) -> smallest row count packed exactly
 
 
 def _self_check() -> bool:
@@ -63,8 +68,9 @@ def _self_check() -> bool:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the packed path (``META_VQA_PACKED_LINEAR=1``; off otherwise)."""
-    return os.environ.get("META_VQA_PACKED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether the environment allows the packed path (on unless ``META_VQA_PACKED_LINEAR`` is ``0``,
+    ``false``, ``no`` or ``off``)."""
+    return os.environ.get("META_VQA_PACKED_LINEAR", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def available() -> bool:
@@ -78,8 +84,28 @@ def available() -> bool:
     return _AVAILABLE
 
 
+def exact_from(weight: Tensor, bias: Tensor | None, packed: Tensor) -> int | None:
+    """The smallest row count from which the packed pass equals ``F.linear`` bit for bit, for weights of
+    this shape, or None where it never does: measured at the first call per shape (rows ``CHECK_ROWS``,
+    inputs of a private generator, so the global random state is untouched) and remembered."""
+    key = tuple(weight.shape)
+    if key not in _EXACT_FROM:
+        g = torch.Generator().manual_seed(0)
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        bad = []
+        with torch.no_grad(), torch.inference_mode(False):
+            for rows in CHECK_ROWS:
+                x = torch.randn(rows, w.shape[1], generator=g)
+                y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                if not torch.equal(y, F.linear(x, w, b)):
+                    bad.append(rows)
+        top = max(bad, default=0)
+        _EXACT_FROM[key] = None if top >= CHECK_ROWS[-1] else top + 1
+    return _EXACT_FROM[key]
+
+
 def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
-    """oneDNN's packed copy of ``weight`` ``[out, in]`` for about ``rows`` input rows, or None.
+    """oneDNN's packed copy of ``weight`` ``[out, in]``, or None (``rows``: the rows of the pass asking).
 
     None at the first forward pass of a version of the weight: the copy is made at the second pass of the
     same version and kept until the weight changes in place or is replaced (the old copy is freed first).
@@ -93,7 +119,7 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
         return None
     if hit[1] is None:
         with torch.no_grad(), torch.inference_mode(False):
-            _PACKS[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(1, rows)))
+            _PACKS[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
     return _PACKS[weight][1]
 
 
@@ -165,6 +191,9 @@ class PackedLinear(nn.Linear):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         copy = packed_weight(self.weight, flat.shape[0])
         if copy is None:
+            return F.linear(x, self.weight, self.bias)
+        lowest = exact_from(self.weight, self.bias, copy)
+        if lowest is None or flat.shape[0] < lowest:  # here the packed kernel would sum in another order
             return F.linear(x, self.weight, self.bias)
         y = _PackedLinearFn.apply(flat, self.weight, self.bias, copy)
         return y.reshape(*x.shape[:-1], self.out_features)
