@@ -139,3 +139,26 @@ def test_zero_shot_answers_names_a_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "nope.ckpt"
     assert zs.main([str(missing)]) == 2
     assert f"{missing}: checkpoint not found" in capsys.readouterr().err
+
+
+def test_packed_ab_times_both_layers_and_finds_the_same_latents(tmp_path):
+    """scripts/packed_ab.py on toy sizes (every layer packed): both sides timed the asked number of calls
+    of each kind, the packed kernel was available, and the two sides adapted identical latents."""
+    import json
+
+    out = tmp_path / "ab.json"
+    args = ["--dim", "16", "--hidden", "4", "--latent", "8", "--tasks", "8", "--steps", "2", "--calls", "3"]
+    args += ["--min-weights", "0", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "packed_ab.py"), *args],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    res = json.loads(out.read_text())
+    assert res["latents_identical"] is True and res["D"] == 2 * 16 * 4 + 4 + 16
+    for kind in ("meta", "adapt"):
+        calls = res[kind]["calls_s"]
+        assert set(calls) == {"default", "packed"} and all(len(v) == 3 for v in calls.values())
+        assert res[kind]["ratio"] == res[kind]["median_s"]["default"] / res[kind]["median_s"]["packed"]
+    if res["packs"]:
+        assert isinstance(res["exact_from"], int) and res["exact_from"] >= 1
+    assert "adapted latents identical on both sides: yes" in run.stdout
