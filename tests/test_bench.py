@@ -52,6 +52,12 @@ def test_bench_prints_the_figure_contract(name, extra, capsys):
         if r["ratio"] is not None:
             # throughput: higher is better, so the ratio is ours over the baseline's
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=1e-6)
+        if r["unit"].endswith("/s"):  # every timed call, and the rate of the fastest: at least the median's
+            calls, fastest = r["config"]["call_s"], r["config"]["fastest_per_s"]
+            assert set(calls) == set(fastest) == {"ours", "baseline"} and len(calls["ours"]) == 1
+            assert fastest["ours"] >= r["value"] * (1 - 1e-3) and fastest["baseline"] >= r[
+                "baseline_value"
+            ] * (1 - 1e-3)
         if sys.platform.startswith("linux"):  # the hypervisor's share of the CPU time during the run
             assert 0.0 <= r["config"]["cpu_steal_fraction"] <= 1.0
 
@@ -101,6 +107,14 @@ def test_peak_memory_counts_memory_reused_from_pages_already_held():
     with PeakMemory(cpu) as quiet:
         time.sleep(0.01)
     assert abs(quiet.mib) < 1
+
+
+def test_call_spread_reports_every_call_and_the_fastest_rate():
+    from meta_vqa.bench import call_spread
+
+    spread = call_spread({"ours": [0.5, 0.8, 2.0], "baseline": [4.0, 5.0]}, 32)
+    assert spread["call_s"] == {"ours": [0.5, 0.8, 2.0], "baseline": [4.0, 5.0]}
+    assert spread["fastest_per_s"] == {"ours": 64.0, "baseline": 8.0}
 
 
 def test_timed_reports_the_median_of_the_calls(monkeypatch):

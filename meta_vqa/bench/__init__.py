@@ -63,14 +63,33 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
-def timed_peak(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """``(median wall time of repeats calls in s, peak memory in MiB)``: the peak is measured in one more
+def calls_peak(
+    fn: Callable[[], object], device: torch.device, repeats: int
+) -> tuple[list[float], float | None]:
+    """``(sorted wall times of repeats calls in s, peak memory in MiB)``: the peak is measured in one more
     call made first (it is also the warm-up), because on CPU the memory sampler takes CPU time and
     ``malloc``'s lock while it runs (about 5 % of a paper-scale meta-step on 2 cores), so no timed call runs
     under it."""
     with PeakMemory(device) as m:
         fn()
-    return timed(fn, device, repeats, warmup=0), m.mib
+    return wall_times(fn, device, repeats, warmup=0), m.mib
+
+
+def timed_peak(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """``(median wall time of repeats calls in s, peak memory in MiB)`` (:func:`calls_peak`)."""
+    times, mib = calls_peak(fn, device, repeats)
+    return statistics.median(times), mib
+
+
+def call_spread(per_call: dict[str, list[float]], work: float) -> dict:
+    """Config entries that show how much the timed calls of each side (``ours``, ``baseline``, ...) spread:
+    their wall times in s, and ``work`` (tasks, latents, ...) over the fastest call. On a shared machine the
+    hypervisor and its other tenants only ever add time, so the fastest call is the least disturbed
+    estimate; the figure's value stays the median."""
+    return {
+        "call_s": {k: [round(t, 4) for t in v] for k, v in per_call.items()},
+        "fastest_per_s": {k: work / min(v) for k, v in per_call.items() if v},
+    }
 
 
 def _rss_bytes() -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 
 import numpy as np
 import torch
@@ -26,12 +27,13 @@ from torch.autograd.graph import increment_version
 
 from meta_vqa.bench import (
     Work,
+    call_spread,
+    calls_peak,
     figure,
     measure_limits,
     memory_note,
     resolve_device,
     roofline,
-    timed_peak,
 )
 from meta_vqa.bench.maml import add_scale_arguments, draw_sizes, make_batch
 from meta_vqa.device import autocast
@@ -131,11 +133,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 diffs[f"{key}_{name}"] = ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
     limits = measure_limits(device)
-    times, peaks = {}, {}
+    times, calls, peaks = {}, {}, {}
     for key, fns in sides.items():  # the per-task side first
         for name in ("loop", *(n for n in fns if n != "loop")):
             fn = functools.partial(fns[name], collect=False) if key == "meta" else fns[name]
-            times[key, name], peaks[key, name] = timed_peak(fn, device, args.repeats)
+            calls[key, name], peaks[key, name] = calls_peak(fn, device, args.repeats)
+            times[key, name] = statistics.median(calls[key, name])
 
     out_layer = stage.hnet.layers[-1]
     with autocast(device, args.precision):
@@ -182,7 +185,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     out = []
     for key, (name, unit) in names.items():
         t_o, t_l = times[key, "ours"], times[key, "loop"]
-        out.append(figure("hnet", f"{name}_per_s", B / t_o, unit, B / t_l, t_l / t_o, device, config))
+        spread = call_spread({"ours": calls[key, "ours"], "baseline": calls[key, "loop"]}, B)
+        rate_cfg = {**config, **spread}
+        out.append(figure("hnet", f"{name}_per_s", B / t_o, unit, B / t_l, t_l / t_o, device, rate_cfg))
         if (key, "chunks") in times:
             t_c = times[key, "chunks"]
             cfg = {**config, "baseline": f"chunks of {args.compare_chunks} tasks (the previous path)"}

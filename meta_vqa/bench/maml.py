@@ -8,11 +8,12 @@ Task sizes are drawn like Meta-VQA's meta-train tasks (quantiles of the real tas
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import numpy as np
 import torch
 
-from meta_vqa.bench import figure, memory_note, resolve_device, timed, timed_peak
+from meta_vqa.bench import call_spread, calls_peak, figure, memory_note, resolve_device, timed
 from meta_vqa.data.batch import TaskBatch
 from meta_vqa.device import PRECISIONS, autocast
 from meta_vqa.stages.base import BaseStage
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     g_batched, g_loop = batched(), per_task()
     grad_diff = (g_batched - g_loop).abs().max().item() / max(g_loop.abs().max().item(), 1e-12)
-    t_loop, peak_loop = timed_peak(per_task, device, args.repeats)  # the per-task side first (PeakMemory)
-    t_batched, peak_batched = timed_peak(batched, device, args.repeats)
+    calls_loop, peak_loop = calls_peak(per_task, device, args.repeats)  # the per-task side first (PeakMemory)
+    calls_batched, peak_batched = calls_peak(batched, device, args.repeats)
+    t_loop, t_batched = statistics.median(calls_loop), statistics.median(calls_batched)
     chunks = batch.chunks(args.compare_chunks) if args.compare_chunks else None
     t_chunks = timed(lambda: meta_grad(chunks), device, args.repeats) if chunks else None
     config = {
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             B / t_loop,
             t_loop / t_batched,
             device,
-            config,
+            {**config, **call_spread({"ours": calls_batched, "baseline": calls_loop}, B)},
         )
     ]
     if t_chunks is not None:
