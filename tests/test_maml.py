@@ -376,3 +376,28 @@ def test_outer_gradient_through_autograd_fills_every_row(budget, monkeypatch):
     assert torch.isfinite(out.grad).all()
     torch.testing.assert_close(out.losses, ref.losses, rtol=0.05, atol=0.05)
     assert F.cosine_similarity(out.grad, ref.grad, dim=1).min() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 1024.0, 3.7])
+def test_carry_grad_gives_the_gradient_of_the_elementwise_sum_bit_for_bit(dtype, scale):
+    """The scalar that carries a group's ∂L/∂w back through the hypernetwork: the same gradient, bit for
+    bit, as autograd's ``(w * g).sum()``, unscaled or scaled like a loss by a gradient scaler, for float32
+    and half-precision (autocast) weights; its value is Σ w·g."""
+    from meta_vqa.meta.maml import carry_grad
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 8, generator=gen)
+    proj = torch.randn(8, 1000, generator=gen)
+    g = torch.randn(6, 1000, generator=gen) * 1e-3
+    grads, values = [], []
+    for carry in (lambda w: (w * g).sum(dtype=torch.float32), lambda w: carry_grad(w, g)):
+        leaf = p.clone().requires_grad_()
+        w = (leaf @ proj).to(dtype)  # the weights of a group, with a graph to the meta-parameters
+        value = carry(w)
+        (value if scale is None else value * scale).backward()
+        grads.append(leaf.grad)
+        values.append(value.detach())
+    assert torch.equal(grads[0], grads[1])
+    assert values[1].dtype == torch.float32
+    assert torch.allclose(values[0], values[1], rtol=1e-4, atol=1e-6)

@@ -551,9 +551,9 @@ def meta_gradient(
     ``to_weights`` per step for the whole group), the adapted weights once more with their graph, the
     outer losses and their gradient with respect to those weights bucket by bucket (:func:`outer_grad`),
     and one ``backward`` (``Tensor.backward`` or Lightning's ``manual_backward``) of the scalar
-    ``Σ w·stop_grad(∂L/∂w)``, whose gradient with respect to ``w`` is ``∂L/∂w``: it carries that gradient
-    through ``to_weights`` to the meta-parameters. (A scalar, so that a gradient scaler scales it like a
-    loss and a non-finite check sees NaN or Inf in the group's gradient.)
+    ``Σ w·stop_grad(∂L/∂w)`` (:func:`carry_grad`), whose gradient with respect to ``w`` is ``∂L/∂w``: it
+    carries that gradient through ``to_weights`` to the meta-parameters. (A scalar, so that a gradient
+    scaler scales it like a loss and a non-finite check sees NaN or Inf in the group's gradient.)
 
     ``divisor`` replaces the task count in the mean: a DDP rank holding part of the meta-batch divides its
     sum by ``total tasks / ranks``, so that DDP's average of the ranks' gradients is the mean over the
@@ -585,11 +585,34 @@ def meta_gradient(
             defer = defer_sync is not None and remaining > 0
             with defer_sync() if defer else contextlib.nullcontext():
                 # ∂L/∂w carried back through to_weights: one pass for the group
-                backward((w * out.grad).sum(dtype=torch.float32))
+                backward(carry_grad(w, out.grad))
             loss_sum = loss_sum + out.losses.sum()
             acc_sum = acc_sum + (out.correct / out.total.clamp(min=1)).sum()
             shift_sum = shift_sum + (adapted.detach() - start.detach()).norm(dim=-1).sum()
     return MetaStepStats(loss_sum / n, 100 * acc_sum / n, shift_sum / n, n)
+
+
+class _CarryGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, g: Tensor) -> Tensor:
+        ctx.save_for_backward(g)
+        return torch.dot(w.detach().reshape(-1).to(g.dtype), g.reshape(-1)).float()
+
+    @staticmethod
+    def backward(ctx, scale: Tensor):
+        (g,) = ctx.saved_tensors
+        if scale.device.type == "cpu" and scale.item() == 1.0:  # (no device sync on a GPU)
+            return g, None
+        return g * scale, None
+
+
+def carry_grad(w: Tensor, g: Tensor) -> Tensor:
+    """The float32 scalar ``Σ w·g`` (``g`` a constant, e.g. ``∂L/∂w``) whose gradient with respect to ``w`` is
+    ``g`` times the incoming gradient (1, or a gradient scaler's scale): bit for bit the gradient of
+    ``(w * g).sum()``, without the two elementwise passes over ``[b, D]`` that one costs (its product in
+    the forward pass, ``ones·g`` in the backward). The backward hands ``g`` itself on where nothing scales
+    it. ``w`` may be half precision (autocast); ``g`` is float32."""
+    return _CarryGrad.apply(w, g)
 
 
 @dataclass
